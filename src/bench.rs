@@ -1,0 +1,115 @@
+//! `erasure-studio bench`: engine timings at Stable Diffusion 1.5 size with random weights made
+//! in memory. `bench/torch_reference.py` times the same cases with PyTorch + diffusers, so the
+//! two can be compared on one machine in one session.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::engine::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::engine::unet::config::UNetConfigFile;
+use crate::engine::unet::{UNet, UNetConfig};
+use crate::engine::vae::{AutoencoderKl, VaeConfig};
+
+/// Every case, in the order they run.
+pub const CASES: &[&str] = &[
+    "text_encoder_b2",
+    "unet_fwd_32_b2",
+    "unet_fwd_64_b2",
+    "unet_fwdbwd_32_b1",
+    "vae_decode_32_b1",
+    "vae_decode_64_b1",
+];
+
+const SD15_UNET: &str = r#"{"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+  "attention_head_dim": 8, "layers_per_block": 2, "norm_num_groups": 32}"#;
+const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+  "latent_channels": 4, "norm_num_groups": 32}"#;
+const VIT_L_TEXT: &str = r#"{"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
+  "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_act": "quick_gelu"}"#;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchResult {
+    pub name: String,
+    pub median_s: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// Runs one case `repeats` times after a warm-up; the median wall time.
+pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<BenchResult> {
+    let vars = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
+    let mut job: Box<dyn FnMut() -> anyhow::Result<()>> = match name {
+        "text_encoder_b2" => {
+            let cfg: ClipTextConfig = serde_json::from_str(VIT_L_TEXT)?;
+            let model = ClipTextModel::new(vb, &cfg)?;
+            let ids = Tensor::zeros((2, 77), DType::U32, device)?;
+            Box::new(move || {
+                model.forward(&ids)?;
+                Ok(())
+            })
+        }
+        "unet_fwd_32_b2" | "unet_fwd_64_b2" | "unet_fwdbwd_32_b1" => {
+            let file: UNetConfigFile = serde_json::from_str(SD15_UNET)?;
+            let unet = UNet::new(vb, &UNetConfig::from_file(&file)?)?;
+            let (side, batch) = match name {
+                "unet_fwd_32_b2" => (32, 2),
+                "unet_fwd_64_b2" => (64, 2),
+                _ => (32, 1),
+            };
+            let sample = candle_core::Var::randn(0f32, 1.0, (batch, 4, side, side), device)?;
+            let context = Tensor::randn(0f32, 1.0, (batch, 77, 768), device)?;
+            let t = Tensor::full(500u32, batch, device)?;
+            let backward = name.contains("bwd");
+            Box::new(move || {
+                let out = unet.forward(sample.as_tensor(), &t, &context, None)?;
+                if backward {
+                    out.sqr()?.mean_all()?.backward()?;
+                }
+                Ok(())
+            })
+        }
+        "vae_decode_32_b1" | "vae_decode_64_b1" => {
+            let cfg: VaeConfig = serde_json::from_str(SD15_VAE)?;
+            let vae = AutoencoderKl::new(vb, &cfg)?;
+            let side = if name.ends_with("32_b1") { 32 } else { 64 };
+            let latents = Tensor::randn(0f32, 1.0, (1, 4, side, side), device)?;
+            Box::new(move || {
+                vae.decode(&latents)?;
+                Ok(())
+            })
+        }
+        other => bail!("unknown bench case `{other}` (cases: {})", CASES.join(", ")),
+    };
+    job().with_context(|| format!("warm-up of {name}"))?;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        job()?;
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(BenchResult {
+        name: name.to_string(),
+        median_s: times[times.len() / 2],
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// The process's peak resident set (VmHWM), in MiB; 0 where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

@@ -1,0 +1,244 @@
+//! Command-line interface: every job headless.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+
+use erasure_studio::bench;
+use erasure_studio::engine::model::{ModelSource, StableDiffusion};
+use erasure_studio::engine::pipeline::{GenerateRequest, img2img, txt2img};
+use erasure_studio::images;
+use erasure_studio::parity;
+
+#[derive(Parser)]
+#[command(
+    name = "erasure-studio",
+    version,
+    about = "Concept erasure for Stable Diffusion models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// Compute device: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weight and activation precision: f32, f16 or bf16 (half precision needs a GPU).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Generate images from a prompt (txt2img, or img2img with --init-image).
+    Generate {
+        /// A diffusers model folder, or a Hugging Face repo id found in the local cache.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value = "")]
+        negative: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        #[arg(long, default_value_t = 7.5)]
+        guidance: f64,
+        /// Image width in pixels (default: the model's native size).
+        #[arg(long)]
+        width: Option<usize>,
+        #[arg(long)]
+        height: Option<usize>,
+        /// Number of images; image i uses seed + i.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// DDIM η (0: deterministic).
+        #[arg(long, default_value_t = 0.0)]
+        eta: f64,
+        /// Start from this image (img2img).
+        #[arg(long)]
+        init_image: Option<PathBuf>,
+        /// How much of the init image to repaint, 0–1 (img2img).
+        #[arg(long, default_value_t = 0.75)]
+        strength: f64,
+        /// Output PNG (the batch as a grid).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Run model components on fixed inputs (the parity contract; see README).
+    Parity {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Time the engine at SD-1.5 size with random weights.
+    Bench {
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Timed runs per case after one warm-up.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Comma-separated case names (default: all).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+pub fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Commands::Generate {
+            model,
+            prompt,
+            negative,
+            seed,
+            steps,
+            guidance,
+            width,
+            height,
+            batch,
+            eta,
+            init_image,
+            strength,
+            out,
+            device,
+        } => {
+            let (dev, dtype) = (parse_device(&device.device)?, parse_dtype(&device.dtype)?);
+            if dev.is_cpu() && dtype == DType::BF16 {
+                bail!(
+                    "bf16 is not supported on the CPU (candle's CPU convolutions lack it); use f32"
+                );
+            }
+            let source = ModelSource::resolve(&model)?;
+            let sd = StableDiffusion::load(&source, &dev, dtype)?;
+            let native = sd.vae.config().sample_size;
+            let req = GenerateRequest {
+                prompts: vec![prompt; batch.max(1)],
+                negative_prompt: negative,
+                seed,
+                steps,
+                guidance_scale: guidance,
+                width: width.unwrap_or(native),
+                height: height.unwrap_or(native),
+                eta,
+            };
+            let (_, imgs) =
+                match init_image {
+                    Some(path) => {
+                        let init = images::load_image(&path, req.width, req.height, &dev)?
+                            .repeat((req.prompts.len(), 1, 1, 1))?;
+                        img2img(&sd, &req, &init, strength, None)?
+                    }
+                    None => txt2img(&sd, &req, None)?,
+                };
+            let cols = (req.prompts.len() as f64).sqrt().ceil() as usize;
+            images::save_png(&images::grid(&imgs, cols)?, &out)?;
+            println!("wrote {}", out.display());
+        }
+        Commands::Parity {
+            model,
+            inputs,
+            out,
+            device,
+        } => {
+            let source = ModelSource::resolve(&model)?;
+            let names = parity::run(&source, &inputs, &out, &parse_device(&device)?)?;
+            println!("wrote {} ({})", out.display(), names.join(", "));
+        }
+        Commands::Bench {
+            json,
+            repeats,
+            only,
+            device,
+        } => {
+            let cases: Vec<String> = if only.is_empty() {
+                bench::CASES.iter().map(|s| s.to_string()).collect()
+            } else {
+                only
+            };
+            for case in &cases {
+                // Each case runs in its own process when there are several, so peak RSS is per case.
+                let result = if cases.len() == 1 {
+                    bench::run_case(case, repeats, &parse_device(&device)?)?
+                } else {
+                    run_case_in_child(case, repeats, &device)?
+                };
+                if json {
+                    println!("{}", serde_json::to_string(&result)?);
+                } else {
+                    println!(
+                        "{:<22} median {:>8.3} s   peak RSS {:>8.0} MiB",
+                        result.name, result.median_s, result.peak_rss_mib
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_case_in_child(
+    case: &str,
+    repeats: usize,
+    device: &str,
+) -> anyhow::Result<bench::BenchResult> {
+    let exe = std::env::current_exe()?;
+    let output = Command::new(exe)
+        .args(["bench", "--json", "--only", case, "--device", device])
+        .args(["--repeats", &repeats.to_string()])
+        .output()
+        .context("starting a bench child process")?;
+    if !output.status.success() {
+        bail!(
+            "bench case {case} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let line = String::from_utf8(output.stdout)?;
+    let value: serde_json::Value = serde_json::from_str(line.trim())?;
+    Ok(bench::BenchResult {
+        name: case.to_string(),
+        median_s: value["median_s"].as_f64().context("median_s")?,
+        peak_rss_mib: value["peak_rss_mib"].as_f64().context("peak_rss_mib")?,
+    })
+}
+
+fn parse_device(spec: &str) -> anyhow::Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s.strip_prefix("cuda:").map_or(Ok(0), str::parse)?;
+            Device::new_cuda(ordinal).with_context(|| {
+                format!(
+                    "cannot open {s}; CUDA needs a build with `--features cuda` and an NVIDIA GPU"
+                )
+            })
+        }
+        other => bail!("unknown device `{other}` (cpu, cuda, cuda:N)"),
+    }
+}
+
+fn parse_dtype(spec: &str) -> anyhow::Result<DType> {
+    match spec {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("unknown dtype `{other}` (f32, f16, bf16)"),
+    }
+}

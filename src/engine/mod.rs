@@ -1,0 +1,20 @@
+//! Stable Diffusion in candle: tokenizer, CLIP text encoder, UNet, VAE, DDIM and pipelines.
+//!
+//! Every op on a gradient path has a backward in candle (see `nn` for the replacements of
+//! candle's fused ops that silently drop gradients).
+
+pub mod clip_text;
+pub mod config;
+pub mod ddim;
+pub mod model;
+pub mod nn;
+pub mod noise;
+pub mod pipeline;
+pub mod resnet;
+pub mod sampling;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use model::{ModelSource, StableDiffusion};

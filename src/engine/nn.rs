@@ -1,0 +1,118 @@
+//! Differentiable building blocks shared by the text encoder, UNet and VAE.
+//!
+//! candle's fused `layer_norm` and `softmax_last_dim` have no backward (gradients silently vanish),
+//! so layer norm and attention are written here from basic ops that do.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// Layer norm over the last dimension, built from differentiable ops.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(compute_dtype(dtype))?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Half-precision tensors are normalised and soft-maxed in f32, as diffusers does.
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    candle_nn::linear_b(in_dim, out_dim, bias, vb)
+}
+
+pub fn conv2d(
+    vb: VarBuilder,
+    in_ch: usize,
+    out_ch: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(in_ch, out_ch, kernel, cfg, vb)
+}
+
+pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
+    if channels % groups != 0 {
+        candle_core::bail!(
+            "{}: {channels} channels cannot be split into {groups} norm groups",
+            vb.prefix()
+        );
+    }
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+/// Scaled dot-product attention over pre-projected `q` [B, Lq, H·d], `k`/`v` [B, Lk, H·d], with an
+/// optional additive `mask` [Lq, Lk].
+///
+/// Scores and softmax run in f32 for half-precision inputs (diffusers' `upcast_attention` and
+/// `upcast_softmax`), so both flags are honoured by always upcasting.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, lq, inner) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let head_dim = inner / heads;
+    let dtype = q.dtype();
+    let work = compute_dtype(dtype);
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+        t.reshape((b, len, heads, head_dim))?
+            .transpose(1, 2)?
+            .reshape((b * heads, len, head_dim))?
+            .to_dtype(work)
+    };
+    let q = split(q, lq)?;
+    let k = split(k, lk)?;
+    let v = split(v, lk)?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.to_dtype(work)?)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs
+        .matmul(&v)?
+        .reshape((b, heads, lq, head_dim))?
+        .transpose(1, 2)?
+        .reshape((b, lq, inner))?
+        .to_dtype(dtype)
+}

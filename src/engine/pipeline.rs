@@ -1,0 +1,200 @@
+//! Sampling pipelines: txt2img and img2img with classifier-free guidance and DDIM.
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Result, Tensor};
+
+use super::clip_text::ids_tensor;
+use super::ddim::Ddim;
+use super::model::StableDiffusion;
+use super::noise::BatchNoise;
+use super::unet::{CrossAttnHook, UNet};
+
+/// What to generate. Item `i` of the batch uses seed `seed + i`, so any image can be reproduced
+/// alone.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompts: Vec<String>,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    /// DDIM η: 0 is deterministic, 1 is DDPM-like.
+    pub eta: f64,
+}
+
+/// Text conditioning for a batch: `cond` [B, L, D] and, with guidance, `uncond` [B, L, D].
+pub struct Conditioning {
+    pub cond: Tensor,
+    pub uncond: Option<Tensor>,
+    pub guidance_scale: f64,
+}
+
+impl Conditioning {
+    /// Encodes prompts and the negative prompt. Guidance applies only above 1, as in diffusers.
+    pub fn encode(
+        sd: &StableDiffusion,
+        prompts: &[String],
+        negative: &str,
+        guidance_scale: f64,
+    ) -> Result<Self> {
+        let encode = |texts: Vec<&str>| -> Result<Tensor> {
+            let ids: Vec<Vec<u32>> = texts.iter().map(|t| sd.tokenizer.encode(t)).collect();
+            sd.text_encoder.forward(&ids_tensor(&ids, &sd.device)?)
+        };
+        let cond = encode(prompts.iter().map(String::as_str).collect())?;
+        let uncond = (guidance_scale > 1.0)
+            .then(|| encode(vec![negative; prompts.len()]))
+            .transpose()?;
+        Ok(Self {
+            cond,
+            uncond,
+            guidance_scale,
+        })
+    }
+
+    /// The guided model output for latents `x` [B, …] at timestep `t`.
+    pub fn predict(
+        &self,
+        unet: &UNet,
+        x: &Tensor,
+        t: usize,
+        hook: Option<&dyn CrossAttnHook>,
+    ) -> Result<Tensor> {
+        let model_dtype = self.cond.dtype();
+        let out_dtype = x.dtype();
+        let b = x.dim(0)?;
+        let ts = Tensor::full(t as u32, b, x.device())?;
+        let x_in = x.to_dtype(model_dtype)?;
+        match &self.uncond {
+            None => unet
+                .forward(&x_in, &ts, &self.cond, hook)?
+                .to_dtype(out_dtype),
+            Some(uncond) => {
+                let both = Tensor::cat(&[&x_in, &x_in], 0)?;
+                let context = Tensor::cat(&[uncond, &self.cond], 0)?;
+                let ts2 = Tensor::cat(&[&ts, &ts], 0)?;
+                let out = unet
+                    .forward(&both, &ts2, &context, hook)?
+                    .to_dtype(out_dtype)?;
+                let (u, c) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
+                &u + ((c - &u)? * self.guidance_scale)?
+            }
+        }
+    }
+}
+
+/// Runs DDIM over `timesteps` from `latents`; `noise` supplies the η > 0 step noise.
+pub fn denoise(
+    unet: &UNet,
+    ddim: &Ddim,
+    timesteps: &[usize],
+    mut latents: Tensor,
+    conditioning: &Conditioning,
+    eta: f64,
+    noise: &mut BatchNoise,
+    hook: Option<&dyn CrossAttnHook>,
+) -> Result<Tensor> {
+    let item_shape = latents.dims()[1..].to_vec();
+    for &t in timesteps {
+        let out = conditioning.predict(unet, &latents, t, hook)?;
+        let step_noise = (eta > 0.0)
+            .then(|| noise.tensor(&item_shape, latents.device()))
+            .transpose()?;
+        latents = ddim
+            .step(&out, t, &latents, eta, step_noise.as_ref())?
+            .prev_sample;
+    }
+    Ok(latents)
+}
+
+fn latent_shape(sd: &StableDiffusion, width: usize, height: usize) -> anyhow::Result<[usize; 3]> {
+    let f = sd.vae.config().downscale();
+    if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
+        bail!(
+            "width and height must be positive multiples of {f} for this model, got {width}×{height}"
+        );
+    }
+    Ok([sd.vae.config().latent_channels, height / f, width / f])
+}
+
+/// Latents (as the UNet sees them) → images in [0, 1], [B, 3, H, W], f32.
+pub fn decode_images(sd: &StableDiffusion, latents: &Tensor) -> Result<Tensor> {
+    let z = sd.vae.unscale(&latents.to_dtype(sd.dtype)?)?;
+    let image = sd.vae.decode(&z)?.to_dtype(DType::F32)?;
+    ((image / 2.0)? + 0.5)?.clamp(0.0, 1.0)
+}
+
+/// Text to image: final latents and decoded images.
+pub fn txt2img(
+    sd: &StableDiffusion,
+    req: &GenerateRequest,
+    hook: Option<&dyn CrossAttnHook>,
+) -> anyhow::Result<(Tensor, Tensor)> {
+    let shape = latent_shape(sd, req.width, req.height)?;
+    let ddim = Ddim::new(&sd.scheduler, req.steps)?;
+    let conditioning =
+        Conditioning::encode(sd, &req.prompts, &req.negative_prompt, req.guidance_scale)?;
+    let mut noise = BatchNoise::new(req.seed, req.prompts.len());
+    let latents = (noise.tensor(&shape, &sd.device)? * ddim.init_noise_sigma())?;
+    let timesteps = ddim.timesteps().to_vec();
+    let latents = denoise(
+        &sd.unet,
+        &ddim,
+        &timesteps,
+        latents,
+        &conditioning,
+        req.eta,
+        &mut noise,
+        hook,
+    )?;
+    let images = decode_images(sd, &latents)?;
+    Ok((latents, images))
+}
+
+/// Image to image: `init` [B, 3, H, W] in [0, 1] is encoded, noised to the timestep `strength`
+/// selects, then denoised with the prompts (diffusers' `StableDiffusionImg2ImgPipeline`).
+pub fn img2img(
+    sd: &StableDiffusion,
+    req: &GenerateRequest,
+    init: &Tensor,
+    strength: f64,
+    hook: Option<&dyn CrossAttnHook>,
+) -> anyhow::Result<(Tensor, Tensor)> {
+    if !(0.0..=1.0).contains(&strength) {
+        bail!("strength must be in [0, 1], got {strength}");
+    }
+    latent_shape(sd, req.width, req.height)?;
+    let ddim = Ddim::new(&sd.scheduler, req.steps)?;
+    let init_steps = ((req.steps as f64 * strength) as usize).min(req.steps);
+    let timesteps = ddim.timesteps()[req.steps - init_steps..].to_vec();
+    let Some(&first) = timesteps.first() else {
+        bail!(
+            "strength {strength} with {} steps leaves no denoising step; raise strength or steps",
+            req.steps
+        );
+    };
+    let conditioning =
+        Conditioning::encode(sd, &req.prompts, &req.negative_prompt, req.guidance_scale)?;
+    let mut noise = BatchNoise::new(req.seed, req.prompts.len());
+    let image = ((init.to_dtype(sd.dtype)? * 2.0)? - 1.0)?;
+    let posterior = sd.vae.encode(&image).context("encoding the init image")?;
+    let item_shape = posterior.mean.dims()[1..].to_vec();
+    let sampled = posterior.sample(&noise.tensor(&item_shape, &sd.device)?.to_dtype(sd.dtype)?)?;
+    let init_latents = sd.vae.scale(&sampled)?.to_dtype(DType::F32)?;
+    let start_noise = noise.tensor(&item_shape, &sd.device)?;
+    let latents = ddim.add_noise(&init_latents, &start_noise, first)?;
+    let latents = denoise(
+        &sd.unet,
+        &ddim,
+        &timesteps,
+        latents,
+        &conditioning,
+        req.eta,
+        &mut noise,
+        hook,
+    )?;
+    let images = decode_images(sd, &latents)?;
+    Ok((latents, images))
+}

@@ -1,0 +1,71 @@
+//! Image files ↔ tensors: PNG grids out, init images in.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+use image::{RgbImage, imageops::FilterType};
+
+/// Images [B, 3, H, W] in [0, 1] → one RGB image with the batch in a row-major grid.
+pub fn grid(images: &Tensor, columns: usize) -> anyhow::Result<RgbImage> {
+    let (b, c, h, w) = images.dims4()?;
+    if c != 3 {
+        bail!("expected 3 channels, got {c}");
+    }
+    let cols = columns.clamp(1, b.max(1));
+    let rows = b.div_ceil(cols);
+    let bytes = (images.to_dtype(DType::F32)?.clamp(0.0, 1.0)? * 255.0)?
+        .round()?
+        .to_dtype(DType::U8)?
+        .permute((0, 2, 3, 1))?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let mut out = RgbImage::new((cols * w) as u32, (rows * h) as u32);
+    for i in 0..b {
+        let (ox, oy) = ((i % cols) * w, (i / cols) * h);
+        for y in 0..h {
+            for x in 0..w {
+                let p = ((i * h + y) * w + x) * 3;
+                out.put_pixel(
+                    (ox + x) as u32,
+                    (oy + y) as u32,
+                    image::Rgb([bytes[p], bytes[p + 1], bytes[p + 2]]),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a PNG atomically (temporary file, then rename), so a crash never leaves half a file.
+pub fn save_png(img: &RgbImage, path: &Path) -> anyhow::Result<()> {
+    let tmp = path.with_extension("png.partial");
+    img.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Loads an image, resized to `width`×`height`, as [1, 3, H, W] in [0, 1].
+pub fn load_image(
+    path: &Path,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> anyhow::Result<Tensor> {
+    let img = image::open(path)
+        .with_context(|| format!("cannot read image {}", path.display()))?
+        .to_rgb8();
+    let img = if img.dimensions() == (width as u32, height as u32) {
+        img
+    } else {
+        image::imageops::resize(&img, width as u32, height as u32, FilterType::Lanczos3)
+    };
+    let data: Vec<f32> = img
+        .into_raw()
+        .into_iter()
+        .map(|v| v as f32 / 255.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (1, height, width, 3), device)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?)
+}
