@@ -136,9 +136,14 @@ impl ClipTextModel {
         let d = config.hidden_size;
         let token_embedding =
             candle_nn::embedding(config.vocab_size, d, emb.pp("token_embedding"))?;
-        let position_embedding = emb
-            .pp("position_embedding")
-            .get((config.max_position_embeddings, d), "weight")?;
+        let position_embedding = emb.pp("position_embedding").get_with_hints(
+            (config.max_position_embeddings, d),
+            "weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+        )?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), config))
             .collect::<Result<Vec<_>>>()?;

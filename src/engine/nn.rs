@@ -17,8 +17,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
+            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?,
             eps,
         })
     }

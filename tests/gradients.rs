@@ -1,0 +1,323 @@
+//! Finite-difference gradient checks in f64 on tiny configs: the engine must be trainable
+//! through the cross-attention hook, the context, the text encoder and the VAE decoder.
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use erasure_studio::engine::clip_text::{ClipTextConfig, ClipTextModel};
+use erasure_studio::engine::noise::NoiseStream;
+use erasure_studio::engine::unet::config::UNetConfigFile;
+use erasure_studio::engine::unet::{CrossAttnHook, CrossAttnLayer, UNet, UNetConfig};
+use erasure_studio::engine::vae::{AutoencoderKl, VaeConfig};
+
+const DEV: Device = Device::Cpu;
+const MAX_REL_ERR: f64 = 1e-5;
+const STEP: f64 = 1e-5;
+
+/// Random values everywhere (including norm weights and zero-initialised biases), so no path is
+/// trivially zero.
+fn randomize(vars: &VarMap, seed: u64) {
+    let mut rng = NoiseStream::new(seed);
+    let mut all = vars
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect::<Vec<_>>();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, var) in all {
+        let t = var.as_tensor();
+        let fan_in = if t.rank() >= 2 {
+            t.elem_count() / t.dim(0).unwrap()
+        } else {
+            1
+        };
+        let noise = (randn(&mut rng, t.dims()) * (0.3 / (fan_in as f64).sqrt())).unwrap();
+        var.set(&(t + noise).unwrap()).unwrap();
+    }
+}
+
+/// Relative L2 error between analytic gradients and central differences at `coords` of `var`.
+fn check_var(name: &str, var: &Var, coords: &[usize], loss: &dyn Fn() -> Result<Tensor>) {
+    let grads = loss().unwrap().backward().unwrap();
+    let analytic = grads
+        .get(var.as_tensor())
+        .unwrap_or_else(|| panic!("{name}: no gradient"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let base = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let shape = var.as_tensor().shape().clone();
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for &i in coords {
+        let eval = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            var.set(&Tensor::from_vec(v, shape.clone(), &DEV).unwrap())
+                .unwrap();
+            loss().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let fd = (eval(STEP) - eval(-STEP)) / (2.0 * STEP);
+        diff += (fd - analytic[i]).powi(2);
+        norm += analytic[i].powi(2);
+    }
+    var.set(&Tensor::from_vec(base, shape, &DEV).unwrap())
+        .unwrap();
+    let rel = (diff / norm).sqrt();
+    println!(
+        "{name}: relative error {rel:.2e} over {} coordinates (‖g‖ = {:.3e})",
+        coords.len(),
+        norm.sqrt()
+    );
+    assert!(
+        norm > 0.0,
+        "{name}: gradient is zero at every checked coordinate"
+    );
+    assert!(rel <= MAX_REL_ERR, "{name}: relative error {rel:.3e}");
+}
+
+/// Seeded N(0, 1) values in f64 (candle's CPU generator cannot be seeded).
+fn randn(rng: &mut NoiseStream, shape: &[usize]) -> Tensor {
+    rng.tensor(shape, &DEV)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+}
+
+fn var(rng: &mut NoiseStream, shape: &[usize], scale: f64) -> Var {
+    Var::from_tensor(&(randn(rng, shape) * scale).unwrap()).unwrap()
+}
+
+fn coords(len: usize, count: usize) -> Vec<usize> {
+    (0..count).map(|i| (i * 7919 + 13) % len).collect()
+}
+
+/// A fixed random projection of the output, so the loss depends on every element.
+fn projection_loss(out: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    (out * weights)?.sum_all()
+}
+
+/// Every trainable tensor got a non-zero gradient.
+fn assert_all_vars_get_gradients(what: &str, vars: &VarMap, loss: &Tensor) {
+    let grads = loss.backward().unwrap();
+    let data = vars.data().lock().unwrap();
+    let mut missing = Vec::new();
+    for (name, var) in data.iter() {
+        let ok = grads.get(var.as_tensor()).is_some_and(|g| {
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                > 0.0
+        });
+        if !ok {
+            missing.push(name.clone());
+        }
+    }
+    missing.sort();
+    assert!(missing.is_empty(), "{what}: no gradient for {missing:?}");
+}
+
+/// LoRA on `to_k`/`to_v` for the leading tokens plus separate projections for the last `m`
+/// tokens: the Safe Adapter of the design, expressed through the hook.
+struct TailAdapter {
+    lora_down: Var,
+    lora_up: Var,
+    tail_k: Var,
+    m: usize,
+}
+
+impl CrossAttnHook for TailAdapter {
+    fn key_value(&self, layer: &CrossAttnLayer, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        let len = context.dim(1)?;
+        let head = context.narrow(1, 0, len - self.m)?;
+        let tail = context.narrow(1, len - self.m, self.m)?;
+        let (k_head, v_head) = layer.base_key_value(&head)?;
+        // Shared adapter weights sized for the first layer width, sliced for wider layers.
+        let lora = head
+            .broadcast_matmul(&self.lora_down.as_tensor().t()?)?
+            .broadcast_matmul(
+                &self
+                    .lora_up
+                    .as_tensor()
+                    .narrow(0, 0, layer.inner_dim)?
+                    .t()?,
+            )?;
+        let k_head = (k_head + lora)?;
+        let tail_w =
+            (layer.to_k.weight() + self.tail_k.as_tensor().narrow(0, 0, layer.inner_dim)?)?;
+        let k_tail = tail.broadcast_matmul(&tail_w.t()?)?;
+        let v_tail = layer.to_v.forward(&tail)?;
+        Ok((
+            Tensor::cat(&[&k_head, &k_tail], 1)?,
+            Tensor::cat(&[&v_head, &v_tail], 1)?,
+        ))
+    }
+}
+
+fn tiny_unet(vars: &VarMap, json: &str) -> UNet {
+    let file: UNetConfigFile = serde_json::from_str(json).unwrap();
+    let vb = VarBuilder::from_varmap(vars, DType::F64, &DEV);
+    UNet::new(vb, &UNetConfig::from_file(&file).unwrap()).unwrap()
+}
+
+const TINY_UNET: &str = r#"{"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+  "cross_attention_dim": 12, "attention_head_dim": 2,
+  "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}"#;
+
+const TINY_UNET_LINEAR: &str = r#"{"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+  "cross_attention_dim": 12, "attention_head_dim": [2, 4], "use_linear_projection": true,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#;
+
+fn check_unet(json: &str, side: (usize, usize)) {
+    let vars = VarMap::new();
+    let unet = tiny_unet(&vars, json);
+    randomize(&vars, 1);
+    let mut rng = NoiseStream::new(11);
+    let (ctx_len, ctx_dim, m) = (6, 12, 2);
+    let adapter = TailAdapter {
+        lora_down: var(&mut rng, &[2, ctx_dim], 0.3),
+        lora_up: var(&mut rng, &[16, 2], 0.3),
+        tail_k: var(&mut rng, &[16, ctx_dim], 0.3),
+        m,
+    };
+    let sample = randn(&mut rng, &[2, 4, side.0, side.1]);
+    let context = var(&mut rng, &[2, ctx_len, ctx_dim], 1.0);
+    let t = Tensor::new(&[10u32, 700], &DEV).unwrap();
+    let proj = randn(&mut rng, sample.dims());
+    let loss = || {
+        projection_loss(
+            &unet.forward(&sample, &t, context.as_tensor(), Some(&adapter))?,
+            &proj,
+        )
+    };
+    check_var("hook lora_up", &adapter.lora_up, &coords(32, 12), &loss);
+    check_var("hook lora_down", &adapter.lora_down, &coords(24, 12), &loss);
+    check_var("hook tail_k", &adapter.tail_k, &coords(16 * 12, 16), &loss);
+    check_var(
+        "context",
+        &context,
+        &coords(2 * ctx_len * ctx_dim, 16),
+        &loss,
+    );
+    assert_all_vars_get_gradients("unet", &vars, &loss().unwrap());
+}
+
+#[test]
+fn unet_gradients_through_hook_and_context_match_finite_differences() {
+    check_unet(TINY_UNET, (8, 8));
+}
+
+#[test]
+fn unet_linear_projection_odd_size_gradients_match_finite_differences() {
+    check_unet(TINY_UNET_LINEAR, (6, 5));
+}
+
+#[test]
+fn unet_weight_gradients_match_finite_differences() {
+    let vars = VarMap::new();
+    let unet = tiny_unet(&vars, TINY_UNET);
+    randomize(&vars, 2);
+    let mut rng = NoiseStream::new(12);
+    let sample = randn(&mut rng, &[1, 4, 8, 8]);
+    let context = randn(&mut rng, &[1, 5, 12]);
+    let t = Tensor::new(&[300u32], &DEV).unwrap();
+    let proj = randn(&mut rng, sample.dims());
+    let loss = || projection_loss(&unet.forward(&sample, &t, &context, None)?, &proj);
+    let data = vars.data().lock().unwrap().clone();
+    for name in [
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.norm1.weight",
+        "down_blocks.0.attentions.0.norm.weight",
+        "up_blocks.1.resnets.0.conv1.weight",
+        "time_embedding.linear_1.weight",
+    ] {
+        let var = &data[name];
+        check_var(name, var, &coords(var.as_tensor().elem_count(), 8), &loss);
+    }
+}
+
+#[test]
+fn text_encoder_gradients_match_finite_differences() {
+    let cfg: ClipTextConfig = serde_json::from_str(
+        r#"{"vocab_size": 50, "hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 2,
+            "num_attention_heads": 3, "max_position_embeddings": 9, "hidden_act": "gelu"}"#,
+    )
+    .unwrap();
+    let vars = VarMap::new();
+    let model = ClipTextModel::new(VarBuilder::from_varmap(&vars, DType::F64, &DEV), &cfg).unwrap();
+    randomize(&vars, 3);
+    let mut rng = NoiseStream::new(13);
+    let ids = Tensor::new(
+        &[
+            [48u32, 3, 7, 9, 49, 49, 49, 49, 49],
+            [48, 11, 49, 49, 49, 49, 49, 49, 49],
+        ],
+        &DEV,
+    )
+    .unwrap();
+    let proj = randn(&mut rng, &[2, 9, 12]);
+    let loss = || projection_loss(&model.forward(&ids)?, &proj);
+    let data = vars.data().lock().unwrap().clone();
+    for name in [
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "text_model.encoder.layers.1.layer_norm1.weight",
+        "text_model.encoder.layers.1.mlp.fc1.weight",
+        "text_model.final_layer_norm.bias",
+    ] {
+        let var = &data[name];
+        check_var(name, var, &coords(var.as_tensor().elem_count(), 10), &loss);
+    }
+    drop(data);
+    assert_all_vars_get_gradients("text encoder", &vars, &loss().unwrap());
+}
+
+#[test]
+fn vae_decoder_gradients_match_finite_differences() {
+    let cfg: VaeConfig = serde_json::from_str(
+        r#"{"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"]}"#,
+    )
+    .unwrap();
+    let vars = VarMap::new();
+    let vae = AutoencoderKl::new(VarBuilder::from_varmap(&vars, DType::F64, &DEV), &cfg).unwrap();
+    randomize(&vars, 4);
+    let mut rng = NoiseStream::new(14);
+    let latents = var(&mut rng, &[1, 4, 4, 3], 1.0);
+    let proj = randn(&mut rng, &[1, 3, 8, 6]);
+    let loss = || projection_loss(&vae.decode(latents.as_tensor())?, &proj);
+    check_var("latents", &latents, &coords(48, 16), &loss);
+    let data = vars.data().lock().unwrap().clone();
+    for name in [
+        "decoder.mid_block.attentions.0.to_q.weight",
+        "decoder.mid_block.attentions.0.group_norm.weight",
+        "decoder.up_blocks.0.upsamplers.0.conv.weight",
+        "decoder.conv_in.weight",
+    ] {
+        let var = &data[name];
+        check_var(name, var, &coords(var.as_tensor().elem_count(), 8), &loss);
+    }
+    // Only the decoder is on this loss's path; every decoder tensor must get a gradient.
+    let grads = loss().unwrap().backward().unwrap();
+    for (name, var) in data
+        .iter()
+        .filter(|(n, _)| n.starts_with("decoder.") || n.starts_with("post_quant"))
+    {
+        assert!(
+            grads.get(var.as_tensor()).is_some(),
+            "vae decoder: no gradient for {name}"
+        );
+    }
+}
