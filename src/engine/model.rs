@@ -26,6 +26,12 @@ impl ModelSource {
         if path.is_dir() {
             return Self::folder(path);
         }
+        let looks_like_repo_id = spec.split('/').count() == 2
+            && !spec.starts_with(['/', '.', '~'])
+            && !spec.contains('\\');
+        if !looks_like_repo_id {
+            bail!("model folder {spec} not found");
+        }
         if let Some(snapshot) = hf_cache_snapshot(spec)? {
             return Self::folder(&snapshot);
         }
@@ -172,11 +178,19 @@ pub fn hf_cache_roots() -> Vec<PathBuf> {
 
 /// The snapshot folder `refs/main` points at for `repo_id` (`org/name`), if it is cached.
 pub fn hf_cache_snapshot(repo_id: &str) -> anyhow::Result<Option<PathBuf>> {
+    hf_cache_snapshot_under(&hf_cache_roots(), repo_id)
+}
+
+/// `hf_cache_snapshot` with explicit cache roots.
+pub fn hf_cache_snapshot_under(
+    roots: &[PathBuf],
+    repo_id: &str,
+) -> anyhow::Result<Option<PathBuf>> {
     let parts: Vec<&str> = repo_id.split('/').collect();
     if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
         return Ok(None);
     }
-    for root in hf_cache_roots() {
+    for root in roots {
         let repo = root.join(format!("models--{}--{}", parts[0], parts[1]));
         if !repo.is_dir() {
             continue;
