@@ -76,7 +76,7 @@ pub fn run(
     if has("pipeline.") {
         let encoder = model.text_encoder(device, dtype)?;
         let unet = model.unet(device, dtype)?;
-        let scheduler = model.scheduler_config()?;
+        let scheduler = model.scheduler_config()?.for_sd_pipeline();
         let steps = scalar(&get("pipeline.steps")?)? as usize;
         let guidance_scale = scalar(&get("pipeline.guidance_scale")?)?;
         let conditioning = Conditioning {

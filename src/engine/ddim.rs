@@ -101,6 +101,17 @@ impl SchedulerConfig {
         Ok(())
     }
 
+    /// The config as diffusers' `StableDiffusionPipeline` runs it: its constructor rewrites
+    /// legacy configs to `steps_offset = 1` and `clip_sample = false`, and every SD checkpoint
+    /// was tuned with those values.
+    pub fn for_sd_pipeline(&self) -> Self {
+        Self {
+            steps_offset: 1,
+            clip_sample: false,
+            ..self.clone()
+        }
+    }
+
     /// Cumulative products ᾱ_t of (1 − β_t) for every training timestep.
     pub fn alphas_cumprod(&self) -> Vec<f64> {
         let t = self.num_train_timesteps;

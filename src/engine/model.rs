@@ -218,6 +218,7 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub unet: UNet,
     pub vae: AutoencoderKl,
+    /// The scheduler config with the pipeline's corrections applied (see `for_sd_pipeline`).
     pub scheduler: SchedulerConfig,
     pub device: Device,
     pub dtype: DType,
@@ -231,7 +232,7 @@ impl StableDiffusion {
             text_encoder: source.text_encoder(device, dtype)?,
             unet: source.unet(device, dtype)?,
             vae: source.vae(device, dtype)?,
-            scheduler: source.scheduler_config()?,
+            scheduler: source.scheduler_config()?.for_sd_pipeline(),
             device: device.clone(),
             dtype,
         })
