@@ -10,7 +10,10 @@ What it writes (everything under ``tests/fixtures/``, relative to the repo root)
   scheduler/).  tiny-sd1 mimics SD 1.x (quick_gelu CLIP, ``text_model.`` key prefix,
   conv proj_in/out, int attention_head_dim, PNDM scheduler config); tiny-sd2 mimics SD 2.x
   (gelu CLIP without key prefix, linear proj_in/out, per-block head counts, upcast attention,
-  pad token "!", DDIM v-prediction / trailing scheduler config).
+  pad token "!", DDIM v-prediction scheduler config with leading spacing, steps_offset 0 and
+  clip_sample true, which StableDiffusionPipeline rewrites to 1 and false).
+* ``tokenizer-json/tokenizer/tokenizer.json`` -- tiny-sd1's tokenizer in the fast-tokenizer
+  file format only.
 * ``parity/tokenizer-{inputs,expected}.safetensors`` -- ~30 tricky prompts and their ids
   from ``transformers.CLIPTokenizer`` with the full vocabulary.
 * ``parity/{sd1,sd2}-{inputs,expected}.safetensors`` -- inputs and float64 reference outputs
@@ -27,9 +30,11 @@ What it writes (everything under ``tests/fixtures/``, relative to the repo root)
 * ``parity/README.md`` -- float32-vs-float64 noise floor of every float output.
 
 Everything is deterministic (fixed torch seeds, no network, no downloaded weights).
-Run once by a developer, never by CI:
+Run once by a developer, never by CI, from the repo root in a Python environment with the
+packages below (PyPI's torch is large; a virtual environment outside the repo is best):
 
-    /work/venv/bin/python scripts/make_parity_fixtures.py
+    pip install torch diffusers transformers safetensors && pip install --no-deps open-clip-torch
+    python scripts/make_parity_fixtures.py
 
 Requirements: torch, diffusers, transformers, safetensors and an installed open_clip
 (only its bundled BPE merges file is used).
@@ -870,6 +875,19 @@ def write_readme(floors: dict, scheds: dict) -> None:
     (PARITY / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def make_tokenizer_json() -> None:
+    """``tokenizer-json/tokenizer/``: tiny-sd1's tokenizer saved by transformers as ``tokenizer.json``
+    only (the fast-tokenizer file format), to check the engine reads that format identically."""
+    root = FIXTURES / "tokenizer-json"
+    if root.exists():
+        shutil.rmtree(root)
+    out = root / "tokenizer"
+    out.mkdir(parents=True)
+    tok = CLIPTokenizer.from_pretrained(FIXTURES / "tiny-sd1" / "tokenizer")
+    tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    print(f"tokenizer-json: wrote {out.relative_to(REPO)}")
+
+
 def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     PARITY.mkdir(parents=True, exist_ok=True)
@@ -883,6 +901,7 @@ def main() -> None:
         fl, cfg, ts = make_parity(name, root)
         floors[name] = fl
         scheds[name] = (cfg, ts)
+    make_tokenizer_json()
     make_ddim()
     write_readme(floors, scheds)
     total = 0

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::engine::ddim::Ddim;
 use crate::engine::model::ModelSource;
 use crate::engine::noise::BatchNoise;
-use crate::engine::pipeline::{Conditioning, denoise};
+use crate::engine::pipeline::{Conditioning, Denoiser};
 
 /// Runs every input group present in `inputs` and writes the outputs atomically to `out`.
 /// Returns the names of the written tensors.
@@ -90,19 +90,16 @@ pub fn run(
         };
         let ddim = Ddim::new(&scheduler, steps)?;
         let init = (get("pipeline.init_latents")?.to_dtype(DType::F32)? * ddim.init_noise_sigma())?;
-        let batch = init.dim(0)?;
-        let timesteps = ddim.timesteps().to_vec();
-        let mut unused_noise = BatchNoise::new(0, batch);
-        let latents = denoise(
-            &unet,
-            &ddim,
-            &timesteps,
-            init,
-            &conditioning,
-            0.0,
-            &mut unused_noise,
-            None,
-        )?;
+        // η = 0: deterministic, so the noise stream is never drawn from.
+        let mut unused_noise = BatchNoise::new(0, init.dim(0)?);
+        let denoiser = Denoiser {
+            unet: &unet,
+            ddim: &ddim,
+            conditioning: &conditioning,
+            eta: 0.0,
+            hook: None,
+        };
+        let latents = denoiser.run(ddim.timesteps(), init, &mut unused_noise)?;
         outputs.insert("pipeline.latents".into(), latents);
     }
     if outputs.is_empty() {
@@ -129,12 +126,12 @@ pub fn run(
 }
 
 fn scalar(t: &Tensor) -> anyhow::Result<f64> {
-    Ok(t.to_dtype(DType::F64)?
+    t.to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1::<f64>()?
         .first()
         .copied()
-        .context("empty scalar input")?)
+        .context("empty scalar input")
 }
 
 type Inputs = (HashMap<String, Tensor>, HashMap<String, String>);

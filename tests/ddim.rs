@@ -135,7 +135,7 @@ fn step_log_prob_is_the_gaussian_density_of_the_drawn_sample() {
         let s = sample.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let e = eps.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let per_item = x.len() / 2;
-        for b in 0..2 {
+        for (b, &got) in log_p.iter().enumerate() {
             let mut expected = 0.0;
             for i in b * per_item..(b + 1) * per_item {
                 let x0 = (s[i] - (1.0 - a_t).sqrt() * e[i]) / a_t.sqrt();
@@ -145,9 +145,8 @@ fn step_log_prob_is_the_gaussian_density_of_the_drawn_sample() {
                     - 0.5 * (2.0 * std::f64::consts::PI).ln();
             }
             assert!(
-                (log_p[b] - expected).abs() <= 1e-9 * expected.abs().max(1.0),
-                "t={t}: {} vs {expected}",
-                log_p[b]
+                (got - expected).abs() <= 1e-9 * expected.abs().max(1.0),
+                "t={t}: {got} vs {expected}"
             );
         }
         // A sample away from the mean is less likely than the mean itself.

@@ -61,3 +61,38 @@ fn sd1_style_model_matches_diffusers() {
 fn sd2_style_model_matches_diffusers() {
     check_case("tiny-sd2", "sd2");
 }
+
+#[test]
+fn tokenizer_json_format_gives_the_same_ids() {
+    use erasure_studio::engine::tokenizer::ClipTokenizer;
+    let dir = fixtures();
+    let from_json = ClipTokenizer::from_dir(&dir.join("tokenizer-json").join("tokenizer")).unwrap();
+    let from_vocab = ClipTokenizer::from_dir(&dir.join("tiny-sd1").join("tokenizer")).unwrap();
+    let bytes = std::fs::read(dir.join("parity").join("tokenizer-inputs.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let prompts: Vec<String> =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["prompts"]).unwrap();
+    assert!(prompts.len() > 20);
+    for prompt in &prompts {
+        assert_eq!(
+            from_json.encode(prompt),
+            from_vocab.encode(prompt),
+            "{prompt:?}"
+        );
+    }
+    // And both agree with transformers on the SD 1.x fixture prompts.
+    let expected = load(&dir.join("parity").join("sd1-expected.safetensors"));
+    let bytes = std::fs::read(dir.join("parity").join("sd1-inputs.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let prompts: Vec<String> =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["prompts"]).unwrap();
+    let want = expected["tokenizer.input_ids"].to_vec2::<i64>().unwrap();
+    for (prompt, want) in prompts.iter().zip(want) {
+        let got: Vec<i64> = from_json
+            .encode(prompt)
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        assert_eq!(got, want, "{prompt:?}");
+    }
+}

@@ -190,3 +190,18 @@ fn cli_parity_runner_writes_the_contract_outputs() {
     }
     assert!(rel_l2(&written["unet.out"], &expected["unet.out"]) < 1e-4);
 }
+
+#[test]
+fn half_precision_weights_track_f32() {
+    let source = ModelSource::folder(&fixtures().join("tiny-sd1")).unwrap();
+    let half = StableDiffusion::load(&source, &Device::Cpu, DType::F16).unwrap();
+    let req = request(&["a cat"], 2, 0.0);
+    let (latents_f16, images) = txt2img(&half, &req, None).unwrap();
+    assert_eq!(images.dtype(), DType::F32);
+    let (latents_f32, _) = txt2img(&model(), &req, None).unwrap();
+    let err = rel_l2(&latents_f16, &latents_f32);
+    assert!(
+        err > 0.0 && err < 2e-2,
+        "f16 vs f32 latents: relative error {err}"
+    );
+}

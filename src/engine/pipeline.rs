@@ -85,28 +85,39 @@ impl Conditioning {
     }
 }
 
-/// Runs DDIM over `timesteps` from `latents`; `noise` supplies the η > 0 step noise.
-pub fn denoise(
-    unet: &UNet,
-    ddim: &Ddim,
-    timesteps: &[usize],
-    mut latents: Tensor,
-    conditioning: &Conditioning,
-    eta: f64,
-    noise: &mut BatchNoise,
-    hook: Option<&dyn CrossAttnHook>,
-) -> Result<Tensor> {
-    let item_shape = latents.dims()[1..].to_vec();
-    for &t in timesteps {
-        let out = conditioning.predict(unet, &latents, t, hook)?;
-        let step_noise = (eta > 0.0)
-            .then(|| noise.tensor(&item_shape, latents.device()))
-            .transpose()?;
-        latents = ddim
-            .step(&out, t, &latents, eta, step_noise.as_ref())?
-            .prev_sample;
+/// DDIM sampling with a model, its conditioning and an optional cross-attention hook.
+pub struct Denoiser<'a> {
+    pub unet: &'a UNet,
+    pub ddim: &'a Ddim,
+    pub conditioning: &'a Conditioning,
+    /// DDIM η: 0 is deterministic, 1 is DDPM-like.
+    pub eta: f64,
+    pub hook: Option<&'a dyn CrossAttnHook>,
+}
+
+impl Denoiser<'_> {
+    /// Steps `latents` through `timesteps`; `noise` supplies the η > 0 step noise.
+    pub fn run(
+        &self,
+        timesteps: &[usize],
+        mut latents: Tensor,
+        noise: &mut BatchNoise,
+    ) -> Result<Tensor> {
+        let item_shape = latents.dims()[1..].to_vec();
+        for &t in timesteps {
+            let out = self
+                .conditioning
+                .predict(self.unet, &latents, t, self.hook)?;
+            let step_noise = (self.eta > 0.0)
+                .then(|| noise.tensor(&item_shape, latents.device()))
+                .transpose()?;
+            latents = self
+                .ddim
+                .step(&out, t, &latents, self.eta, step_noise.as_ref())?
+                .prev_sample;
+        }
+        Ok(latents)
     }
-    Ok(latents)
 }
 
 fn latent_shape(sd: &StableDiffusion, width: usize, height: usize) -> anyhow::Result<[usize; 3]> {
@@ -138,17 +149,14 @@ pub fn txt2img(
         Conditioning::encode(sd, &req.prompts, &req.negative_prompt, req.guidance_scale)?;
     let mut noise = BatchNoise::new(req.seed, req.prompts.len());
     let latents = (noise.tensor(&shape, &sd.device)? * ddim.init_noise_sigma())?;
-    let timesteps = ddim.timesteps().to_vec();
-    let latents = denoise(
-        &sd.unet,
-        &ddim,
-        &timesteps,
-        latents,
-        &conditioning,
-        req.eta,
-        &mut noise,
+    let denoiser = Denoiser {
+        unet: &sd.unet,
+        ddim: &ddim,
+        conditioning: &conditioning,
+        eta: req.eta,
         hook,
-    )?;
+    };
+    let latents = denoiser.run(ddim.timesteps(), latents, &mut noise)?;
     let images = decode_images(sd, &latents)?;
     Ok((latents, images))
 }
@@ -185,16 +193,14 @@ pub fn img2img(
     let init_latents = sd.vae.scale(&sampled)?.to_dtype(DType::F32)?;
     let start_noise = noise.tensor(&item_shape, &sd.device)?;
     let latents = ddim.add_noise(&init_latents, &start_noise, first)?;
-    let latents = denoise(
-        &sd.unet,
-        &ddim,
-        &timesteps,
-        latents,
-        &conditioning,
-        req.eta,
-        &mut noise,
+    let denoiser = Denoiser {
+        unet: &sd.unet,
+        ddim: &ddim,
+        conditioning: &conditioning,
+        eta: req.eta,
         hook,
-    )?;
+    };
+    let latents = denoiser.run(&timesteps, latents, &mut noise)?;
     let images = decode_images(sd, &latents)?;
     Ok((latents, images))
 }

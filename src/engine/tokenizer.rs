@@ -143,7 +143,7 @@ impl ClipTokenizer {
         special_list.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
         special_list.dedup();
         let max_length = match specials.model_max_length {
-            Some(n) if n >= 2.0 && n <= 1e6 => n as usize,
+            Some(n) if (2.0..=1e6).contains(&n) => n as usize,
             _ => DEFAULT_MAX_LENGTH,
         };
         let merge_ranks = merges
