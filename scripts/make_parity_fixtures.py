@@ -410,11 +410,16 @@ MODELS = {
             block_out_channels=(16, 24, 32),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=2,
+            layers_per_block=[2, 1, 2],
             norm_num_groups=8,
             cross_attention_dim=32,
             attention_head_dim=8,
             use_linear_projection=False,
+            # Options real SD checkpoints leave at their defaults, set here so the engine is checked
+            # on them too (diffusers ignores resnet_out_scale_factor for these block types).
+            transformer_layers_per_block=[2, 1, 1],
+            resnet_out_scale_factor=2.0,
+            mid_block_scale_factor=1.5,
         ),
         vae=dict(
             in_channels=3,
@@ -457,6 +462,10 @@ MODELS = {
             attention_head_dim=[2, 4, 4],
             use_linear_projection=True,
             upcast_attention=True,
+            act_fn="swish",
+            flip_sin_to_cos=False,
+            freq_shift=1,
+            downsample_padding=0,
         ),
         vae=dict(
             in_channels=3,
@@ -755,6 +764,10 @@ DDIM_CASES = [
     ("cosine_trailing_offset0_alpha1_v_10", dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, prediction_type="v_prediction"), 10),
     ("cosine_leading_offset1_alpha0_eps_50", dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon"), 50),
     ("zero_snr_trailing_v_10", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, prediction_type="v_prediction", rescale_betas_zero_snr=True), 10),
+    # 48 and 112 trailing steps: numpy's arange rounding differs from T - i*ratio at .5 ties.
+    ("sd2_trailing_v_48", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, prediction_type="v_prediction"), 48),
+    ("sd2_trailing_v_112", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, prediction_type="v_prediction"), 112),
+    ("clip_sample_v_leading_20", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, prediction_type="v_prediction", clip_sample=True, clip_sample_range=0.5), 20),
 ]
 
 
@@ -768,7 +781,8 @@ def make_ddim() -> None:
     noise = torch.tensor(DDIM_VARIANCE_NOISE, dtype=torch.float64).reshape(1, 1, 2, 2)
     cases = []
     for name, overrides, n in DDIM_CASES:
-        cfg = dict(num_train_timesteps=1000, clip_sample=False, **overrides)
+        cfg = dict(num_train_timesteps=1000, clip_sample=False)
+        cfg.update(overrides)
         sched = DDIMScheduler(**cfg)
         sched.set_timesteps(n)
         ts = [int(t) for t in sched.timesteps.tolist()]

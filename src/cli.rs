@@ -1,6 +1,6 @@
 //! Command-line interface: every job headless.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -51,7 +51,7 @@ enum Commands {
         steps: usize,
         #[arg(long, default_value_t = 7.5)]
         guidance: f64,
-        /// Image width in pixels (default: the model's native size).
+        /// Image width in pixels (default: the init image's size, else the model's native size).
         #[arg(long)]
         width: Option<usize>,
         #[arg(long)]
@@ -127,15 +127,15 @@ pub fn run() -> anyhow::Result<()> {
             }
             let source = ModelSource::resolve(&model)?;
             let sd = StableDiffusion::load(&source, &dev, dtype)?;
-            let native = sd.vae.config().sample_size;
+            let (width, height) = image_size(&sd, width, height, init_image.as_deref())?;
             let req = GenerateRequest {
                 prompts: vec![prompt; batch.max(1)],
                 negative_prompt: negative,
                 seed,
                 steps,
                 guidance_scale: guidance,
-                width: width.unwrap_or(native),
-                height: height.unwrap_or(native),
+                width,
+                height,
                 eta,
             };
             let (_, imgs) =
@@ -191,6 +191,29 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The requested size; else the init image's size (img2img), else the model's native size, as
+/// diffusers' pipelines choose. Sizes without a request are rounded down to what the VAE allows.
+fn image_size(
+    sd: &StableDiffusion,
+    width: Option<usize>,
+    height: Option<usize>,
+    init_image: Option<&Path>,
+) -> anyhow::Result<(usize, usize)> {
+    let f = sd.vae.config().downscale();
+    let (default_w, default_h) = match (init_image, sd.unet.config().sample_size) {
+        (Some(path), _) => {
+            let (w, h) = images::image_size(path)?;
+            (w / f * f, h / f * f)
+        }
+        (None, Some((h, w))) => (w * f, h * f),
+        (None, None) if width.is_some() && height.is_some() => (0, 0),
+        (None, None) => {
+            bail!("the model's unet/config.json gives no sample_size: pass --width and --height")
+        }
+    };
+    Ok((width.unwrap_or(default_w), height.unwrap_or(default_h)))
 }
 
 fn run_case_in_child(

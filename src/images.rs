@@ -45,6 +45,13 @@ pub fn save_png(img: &RgbImage, path: &Path) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Width and height of an image file.
+pub fn image_size(path: &Path) -> anyhow::Result<(usize, usize)> {
+    let (w, h) = image::image_dimensions(path)
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    Ok((w as usize, h as usize))
+}
+
 /// Loads an image, resized to `width`×`height`, as [1, 3, H, W] in [0, 1].
 pub fn load_image(
     path: &Path,

@@ -90,6 +90,21 @@ fn schedules_and_steps_match_diffusers() {
 }
 
 #[test]
+fn trailing_spacing_gives_exactly_the_requested_steps() {
+    let config = SchedulerConfig {
+        timestep_spacing: erasure_studio::engine::ddim::TimestepSpacing::Trailing,
+        ..Default::default()
+    };
+    // numpy's arange yields one entry too many (−1) for these counts.
+    for steps in [61, 96, 103, 121] {
+        let ddim = Ddim::new(&config, steps).unwrap();
+        assert_eq!(ddim.timesteps().len(), steps);
+        assert_eq!(ddim.timesteps()[0], 999);
+        assert!(ddim.timesteps().windows(2).all(|w| w[0] > w[1]));
+    }
+}
+
+#[test]
 fn step_log_prob_is_the_gaussian_density_of_the_drawn_sample() {
     let config = SchedulerConfig {
         beta_schedule: erasure_studio::engine::ddim::BetaSchedule::ScaledLinear,

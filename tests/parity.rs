@@ -96,3 +96,23 @@ fn tokenizer_json_format_gives_the_same_ids() {
         assert_eq!(got, want, "{prompt:?}");
     }
 }
+
+/// A textual-inversion token in `added_tokens.json` is matched whole. Expected ids recorded from
+/// transformers 5.24's `CLIPTokenizer` on the same folder.
+#[test]
+fn added_tokens_are_matched_whole() {
+    use erasure_studio::engine::tokenizer::ClipTokenizer;
+    let dir = common::temp_dir("added-tokens").join("tokenizer");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("tiny-sd1").join("tokenizer")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(dir.join("added_tokens.json"), r#"{"<cat-toy>": 2014}"#).unwrap();
+    let tok = ClipTokenizer::from_dir(&dir).unwrap();
+    let ids = tok.encode("a photo of <cat-toy> on a mat, <cat-toy>!");
+    let want = [
+        2012, 320, 1125, 539, 2014, 525, 320, 76, 536, 267, 2014, 256, 2013,
+    ];
+    assert_eq!(&ids[..want.len()], &want);
+}

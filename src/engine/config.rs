@@ -36,6 +36,14 @@ impl<T: Clone> PerBlock<T> {
     }
 }
 
+/// diffusers treats `swish` and `silu` as the same activation; nothing else is supported.
+pub fn require_silu(field: &str, value: &str) -> anyhow::Result<()> {
+    if value != "silu" && value != "swish" {
+        bail!("`{field}` = {value:?} is not supported (only \"silu\" is)");
+    }
+    Ok(())
+}
+
 /// Fails with the field name when an option the engine does not implement is set.
 pub fn require_default<T: PartialEq + std::fmt::Debug>(
     field: &str,

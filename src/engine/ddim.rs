@@ -333,10 +333,15 @@ fn timesteps(cfg: &SchedulerConfig, steps: usize) -> anyhow::Result<Vec<usize>> 
                 .collect()
         }
         TimestepSpacing::Trailing => {
+            // numpy's arange(T, 0, -ratio): length ⌈T/ratio⌉ and values T + i·δ with
+            // δ = (T − ratio) − T, which rounds differently from −ratio on some step counts.
             let ratio = t / steps as f64;
-            let len = (-t / -ratio).ceil() as usize;
+            let delta = (t - ratio) - t;
+            // For some step counts that length is steps + 1, the extra entry being −1, which
+            // diffusers runs as a bogus step at a wrapped index; it is dropped here.
+            let len = ((-t / delta).ceil() as usize).min(steps);
             (0..len)
-                .map(|i| (t - i as f64 * ratio).round_ties_even() - 1.0)
+                .map(|i| (t + i as f64 * delta).round_ties_even() - 1.0)
                 .collect()
         }
         TimestepSpacing::Linspace => {
@@ -365,7 +370,9 @@ fn timesteps(cfg: &SchedulerConfig, steps: usize) -> anyhow::Result<Vec<usize>> 
         .map(|v| {
             if v < 0.0 || v >= t {
                 bail!(
-                    "timestep {v} is outside 0..{} (check steps_offset)",
+                    "{steps} steps with {:?} spacing give timestep {v}, outside 0..{} (diffusers would \
+                     silently wrap it); choose another step count or check steps_offset",
+                    cfg.timestep_spacing,
                     cfg.num_train_timesteps
                 )
             }

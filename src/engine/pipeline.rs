@@ -127,7 +127,7 @@ fn latent_shape(sd: &StableDiffusion, width: usize, height: usize) -> anyhow::Re
             "width and height must be positive multiples of {f} for this model, got {width}×{height}"
         );
     }
-    Ok([sd.vae.config().latent_channels, height / f, width / f])
+    Ok([sd.unet.config().in_channels, height / f, width / f])
 }
 
 /// Latents (as the UNet sees them) → images in [0, 1], [B, 3, H, W], f32.

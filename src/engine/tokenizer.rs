@@ -39,6 +39,8 @@ struct SpecialTokens {
     unk_token: Option<TokenSpec>,
     pad_token: Option<TokenSpec>,
     model_max_length: Option<f64>,
+    /// Tokens added after training (textual inversion), by id.
+    added_tokens_decoder: Option<HashMap<String, TokenSpec>>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -60,6 +62,14 @@ impl TokenSpec {
 #[derive(Deserialize)]
 struct TokenizerJson {
     model: TokenizerJsonModel,
+    #[serde(default)]
+    added_tokens: Vec<AddedToken>,
+}
+
+#[derive(Deserialize)]
+struct AddedToken {
+    id: u32,
+    content: String,
 }
 
 #[derive(Deserialize)]
@@ -90,9 +100,25 @@ impl ClipTokenizer {
                 specials.merge(found);
             }
         }
+        // Added tokens (textual-inversion words, specials) are matched whole in the raw text.
+        let mut added: Vec<(String, u32)> = Vec::new();
+        if let Some(decoder) = specials.added_tokens_decoder.take() {
+            for (id, spec) in decoder {
+                let id = id.parse().with_context(|| {
+                    format!("{}: added token id `{id}` is not a number", dir.display())
+                })?;
+                added.push((spec.content().to_string(), id));
+            }
+        }
+        let added_path = dir.join("added_tokens.json");
+        if added_path.exists() {
+            let map: HashMap<String, u32> = super::config::read_json(&added_path)?;
+            added.extend(map);
+        }
         let json_path = dir.join("tokenizer.json");
         let (vocab, merges) = if json_path.exists() {
             let parsed: TokenizerJson = super::config::read_json(&json_path)?;
+            added.extend(parsed.added_tokens.into_iter().map(|t| (t.content, t.id)));
             let merges = parsed
                 .model
                 .merges
@@ -120,14 +146,19 @@ impl ClipTokenizer {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             (vocab, merges)
         };
-        Self::new(vocab, merges, specials).with_context(|| format!("tokenizer {}", dir.display()))
+        Self::new(vocab, merges, specials, added)
+            .with_context(|| format!("tokenizer {}", dir.display()))
     }
 
     fn new(
-        vocab: HashMap<String, u32>,
+        mut vocab: HashMap<String, u32>,
         merges: Vec<(String, String)>,
         specials: SpecialTokens,
+        added: Vec<(String, u32)>,
     ) -> anyhow::Result<Self> {
+        for (text, id) in &added {
+            vocab.entry(text.clone()).or_insert(*id);
+        }
         let token = |spec: &Option<TokenSpec>, default: &str| -> anyhow::Result<(String, u32)> {
             let text = spec.as_ref().map_or(default, |s| s.content()).to_string();
             let id = *vocab
@@ -140,6 +171,7 @@ impl ClipTokenizer {
         let unk = token(&specials.unk_token, "<|endoftext|>")?;
         let pad = token(&specials.pad_token, "<|endoftext|>")?;
         let mut special_list = vec![bos.clone(), eos.clone(), unk.clone(), pad.clone()];
+        special_list.extend(added);
         special_list.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
         special_list.dedup();
         let max_length = match specials.model_max_length {
@@ -283,6 +315,9 @@ impl SpecialTokens {
         self.unk_token = other.unk_token.or(self.unk_token.take());
         self.pad_token = other.pad_token.or(self.pad_token.take());
         self.model_max_length = other.model_max_length.or(self.model_max_length);
+        self.added_tokens_decoder = other
+            .added_tokens_decoder
+            .or(self.added_tokens_decoder.take());
     }
 }
 
@@ -350,7 +385,7 @@ mod tests {
             vocab.insert(t.to_string(), i as u32);
         }
         let merges = vec![("a".to_string(), "b</w>".to_string())];
-        let tok = ClipTokenizer::new(vocab, merges, SpecialTokens::default()).unwrap();
+        let tok = ClipTokenizer::new(vocab, merges, SpecialTokens::default(), vec![]).unwrap();
         assert_eq!(tok.tokenize("AB a"), vec![5, 6]);
         let ids = tok.encode("ab");
         assert_eq!(&ids[..4], &[0, 5, 1, 1]);

@@ -7,7 +7,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::config::{read_json, require_default};
+use super::config::{read_json, require_default, require_silu};
 use super::nn::{attention, conv2d, group_norm, linear};
 use super::resnet::{ResnetBlock, ResnetConfig};
 use super::sampling::{Downsample, Upsample};
@@ -34,10 +34,7 @@ pub struct VaeConfig {
     pub act_fn: String,
     pub latent_channels: usize,
     pub norm_num_groups: usize,
-    /// Native image side in pixels.
-    pub sample_size: usize,
     pub scaling_factor: f64,
-    pub shift_factor: Option<f64>,
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
@@ -55,9 +52,7 @@ impl Default for VaeConfig {
             act_fn: "silu".into(),
             latent_channels: 4,
             norm_num_groups: 32,
-            sample_size: 512,
             scaling_factor: 0.18215,
-            shift_factor: None,
             use_quant_conv: true,
             use_post_quant_conv: true,
             mid_block_add_attention: true,
@@ -74,7 +69,7 @@ impl VaeConfig {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        require_default("act_fn", &self.act_fn.as_str(), &"silu")?;
+        require_silu("act_fn", &self.act_fn)?;
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!(
@@ -341,21 +336,14 @@ impl AutoencoderKl {
         self.decoder.forward(&z)
     }
 
-    /// Latents as the UNet sees them → unscaled latents.
+    /// Latents as the UNet sees them → unscaled latents. Like diffusers' SD pipelines, only
+    /// `scaling_factor` applies (`shift_factor` belongs to later model families).
     pub fn unscale(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = (latents / self.config.scaling_factor)?;
-        match self.config.shift_factor {
-            Some(shift) => z + shift,
-            None => Ok(z),
-        }
+        latents / self.config.scaling_factor
     }
 
     /// Unscaled latents → latents as the UNet sees them.
     pub fn scale(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = match self.config.shift_factor {
-            Some(shift) => (latents - shift)?,
-            None => latents.clone(),
-        };
-        z * self.config.scaling_factor
+        latents * self.config.scaling_factor
     }
 }

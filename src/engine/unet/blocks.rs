@@ -66,7 +66,7 @@ impl DownBlock {
         let mut attentions = Vec::new();
         for j in 0..stage.layers {
             let cin = if j == 0 { in_channels } else { stage.channels };
-            let rcfg = resnet_config(cfg, cin, stage.channels, temb, cfg.resnet_out_scale_factor);
+            let rcfg = resnet_config(cfg, cin, stage.channels, temb, 1.0);
             resnets.push(ResnetBlock::new(vb.pp(format!("resnets.{j}")), rcfg)?);
             if kind == DownKind::CrossAttn {
                 let name = format!("attentions.{j}");
@@ -203,7 +203,7 @@ impl UpBlock {
         for j in 0..layers {
             let skip = if j + 1 == layers { skip_in_channels } else { c };
             let cin = if j == 0 { prev_channels } else { c };
-            let rcfg = resnet_config(cfg, cin + skip, c, temb, cfg.resnet_out_scale_factor);
+            let rcfg = resnet_config(cfg, cin + skip, c, temb, 1.0);
             resnets.push(ResnetBlock::new(vb.pp(format!("resnets.{j}")), rcfg)?);
             if kind == UpKind::CrossAttn {
                 let name = format!("attentions.{j}");

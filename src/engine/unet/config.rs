@@ -6,12 +6,14 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::engine::config::{PerBlock, read_json, require_default};
+use crate::engine::config::{PerBlock, read_json, require_default, require_silu};
 
 /// The raw config, with diffusers' defaults for missing keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct UNetConfigFile {
+    /// Native latent size: one side, or [height, width].
+    pub sample_size: Option<PerBlock<usize>>,
     pub in_channels: usize,
     pub out_channels: usize,
     pub center_input_sample: bool,
@@ -31,12 +33,12 @@ pub struct UNetConfigFile {
     pub cross_attention_dim: PerBlock<usize>,
     pub transformer_layers_per_block: PerBlock<usize>,
     pub attention_head_dim: PerBlock<usize>,
-    pub num_attention_heads: Option<PerBlock<usize>>,
+    /// diffusers refuses any value here (the head count lives in `attention_head_dim`).
+    pub num_attention_heads: Value,
     pub dual_cross_attention: bool,
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
-    pub resnet_out_scale_factor: f64,
     pub time_embedding_type: String,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
@@ -58,6 +60,7 @@ pub struct UNetConfigFile {
 impl Default for UNetConfigFile {
     fn default() -> Self {
         Self {
+            sample_size: None,
             in_channels: 4,
             out_channels: 4,
             center_input_sample: false,
@@ -91,12 +94,11 @@ impl Default for UNetConfigFile {
             cross_attention_dim: PerBlock::One(1280),
             transformer_layers_per_block: PerBlock::One(1),
             attention_head_dim: PerBlock::One(8),
-            num_attention_heads: None,
+            num_attention_heads: Value::Null,
             dual_cross_attention: false,
             use_linear_projection: false,
             upcast_attention: false,
             resnet_time_scale_shift: "default".into(),
-            resnet_out_scale_factor: 1.0,
             time_embedding_type: "positional".into(),
             conv_in_kernel: 3,
             conv_out_kernel: 3,
@@ -141,6 +143,8 @@ pub struct StageConfig {
 /// A validated config: everything the model constructor needs, per block.
 #[derive(Debug, Clone)]
 pub struct UNetConfig {
+    /// Native latent (height, width), when the config gives one.
+    pub sample_size: Option<(usize, usize)>,
     pub in_channels: usize,
     pub out_channels: usize,
     pub center_input_sample: bool,
@@ -157,7 +161,6 @@ pub struct UNetConfig {
     pub linear_projection: bool,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
-    pub resnet_out_scale_factor: f64,
 }
 
 impl UNetConfig {
@@ -168,7 +171,7 @@ impl UNetConfig {
     }
 
     pub fn from_file(f: &UNetConfigFile) -> anyhow::Result<Self> {
-        require_default("act_fn", &f.act_fn.as_str(), &"silu")?;
+        require_silu("act_fn", &f.act_fn)?;
         require_default(
             "time_embedding_type",
             &f.time_embedding_type.as_str(),
@@ -224,13 +227,8 @@ impl UNetConfig {
             }
         }
         let layers = f.layers_per_block.per_block(n, "layers_per_block")?;
-        // diffusers names the head *count* `attention_head_dim` in SD configs; `num_attention_heads`
-        // wins when present.
-        let heads_spec = f
-            .num_attention_heads
-            .as_ref()
-            .unwrap_or(&f.attention_head_dim);
-        let heads = heads_spec.per_block(n, "attention_head_dim")?;
+        // diffusers names the head *count* `attention_head_dim` in SD configs.
+        let heads = f.attention_head_dim.per_block(n, "attention_head_dim")?;
         let transformer_layers = f
             .transformer_layers_per_block
             .per_block(n, "transformer_layers_per_block")?;
@@ -247,7 +245,7 @@ impl UNetConfig {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let kind = match t.as_str() {
+                let kind = match block_name(t) {
                     "CrossAttnDownBlock2D" => DownKind::CrossAttn,
                     "DownBlock2D" => DownKind::Plain,
                     other => bail!("down block type `{other}` is not supported (CrossAttnDownBlock2D, DownBlock2D)"),
@@ -260,7 +258,7 @@ impl UNetConfig {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let kind = match t.as_str() {
+                let kind = match block_name(t) {
                     "CrossAttnUpBlock2D" => UpKind::CrossAttn,
                     "UpBlock2D" => UpKind::Plain,
                     other => bail!(
@@ -277,7 +275,13 @@ impl UNetConfig {
                 bail!("mid_block_type `{other}` is not supported (UNetMidBlock2DCrossAttn)")
             }
         };
+        let sample_size = f
+            .sample_size
+            .as_ref()
+            .map(|s| s.per_block(2, "sample_size").map(|hw| (hw[0], hw[1])))
+            .transpose()?;
         Ok(Self {
+            sample_size,
             in_channels: f.in_channels,
             out_channels: f.out_channels,
             center_input_sample: f.center_input_sample,
@@ -295,7 +299,11 @@ impl UNetConfig {
             linear_projection: f.use_linear_projection,
             conv_in_kernel: f.conv_in_kernel,
             conv_out_kernel: f.conv_out_kernel,
-            resnet_out_scale_factor: f.resnet_out_scale_factor,
         })
     }
+}
+
+/// diffusers accepts legacy block names with a `UNetRes` prefix for the same blocks.
+fn block_name(name: &str) -> &str {
+    name.strip_prefix("UNetRes").unwrap_or(name)
 }
