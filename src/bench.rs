@@ -5,8 +5,9 @@
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder, VarMap};
 
 use crate::engine::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::engine::unet::config::UNetConfigFile;
@@ -39,10 +40,33 @@ pub struct BenchResult {
     pub peak_rss_mib: f64,
 }
 
+/// Random weights as plain tensors, like weights loaded from a file: no gradient tracking, so a
+/// forward pass frees its activations as it goes.
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, shape: Shape, _: &str, init: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        Ok(init.var(shape, dtype, dev)?.as_tensor().detach())
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("random weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
 /// Runs one case `repeats` times after a warm-up; the median wall time.
 pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<BenchResult> {
+    // Trainable variables only where the case back-propagates into the weights.
     let vars = VarMap::new();
-    let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
+    let vb = if name.contains("bwd") {
+        VarBuilder::from_varmap(&vars, DType::F32, device)
+    } else {
+        VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone())
+    };
     let mut job: Box<dyn FnMut() -> anyhow::Result<()>> = match name {
         "text_encoder_b2" => {
             let cfg: ClipTextConfig = serde_json::from_str(VIT_L_TEXT)?;
@@ -61,12 +85,18 @@ pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<B
                 "unet_fwd_64_b2" => (64, 2),
                 _ => (32, 1),
             };
-            let sample = candle_core::Var::randn(0f32, 1.0, (batch, 4, side, side), device)?;
+            let backward = name.contains("bwd");
+            let sample = Tensor::randn(0f32, 1.0, (batch, 4, side, side), device)?;
+            // The backward case also wants the input's gradient, as the PyTorch reference does.
+            let sample = if backward {
+                candle_core::Var::from_tensor(&sample)?.as_tensor().clone()
+            } else {
+                sample
+            };
             let context = Tensor::randn(0f32, 1.0, (batch, 77, 768), device)?;
             let t = Tensor::full(500u32, batch, device)?;
-            let backward = name.contains("bwd");
             Box::new(move || {
-                let out = unet.forward(sample.as_tensor(), &t, &context, None)?;
+                let out = unet.forward(&sample, &t, &context, None)?;
                 if backward {
                     out.sqr()?.mean_all()?.backward()?;
                 }

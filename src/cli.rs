@@ -229,7 +229,8 @@ fn run_case_in_child(
         .context("starting a bench child process")?;
     if !output.status.success() {
         bail!(
-            "bench case {case} failed: {}",
+            "bench case {case} failed ({}; a kill by signal usually means out of memory): {}",
+            output.status,
             String::from_utf8_lossy(&output.stderr)
         );
     }

@@ -1,7 +1,8 @@
 //! Differentiable building blocks shared by the text encoder, UNet and VAE.
 //!
 //! candle's fused `layer_norm` and `softmax_last_dim` have no backward (gradients silently vanish),
-//! so layer norm and attention are written here from basic ops that do.
+//! so layer norm and softmax are written here from basic ops that do. The fused kernels are used
+//! only where candle records no graph (`track_op` is false), i.e. where no gradient can flow.
 
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
@@ -26,6 +27,10 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let needs_grad = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if !needs_grad && x.is_contiguous() {
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(compute_dtype(dtype))?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -77,6 +82,15 @@ pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> R
     candle_nn::group_norm(groups, channels, eps, vb)
 }
 
+/// Softmax over the last dimension: differentiable when a graph is recorded, fused otherwise.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
 /// Scaled dot-product attention over pre-projected `q` [B, Lq, H·d], `k`/`v` [B, Lk, H·d], with an
 /// optional additive `mask` [Lq, Lk].
 ///
@@ -108,11 +122,57 @@ pub fn attention(
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(work)?)?;
     }
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = softmax_last_dim(&scores)?;
     probs
         .matmul(&v)?
         .reshape((b, heads, lq, head_dim))?
         .transpose(1, 2)?
         .reshape((b, lq, inner))?
         .to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::noise::NoiseStream;
+    use candle_core::{Device, Var};
+
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let n = b
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        (d / n).sqrt()
+    }
+
+    /// The fused (inference) and differentiable (training) paths compute the same values.
+    #[test]
+    fn fused_and_differentiable_paths_agree() {
+        let mut rng = NoiseStream::new(3);
+        let x = (rng.tensor((2, 5, 16), &Device::Cpu).unwrap() * 3.0).unwrap();
+        let tracked = Var::from_tensor(&x).unwrap();
+        assert!(!x.track_op() && tracked.as_tensor().track_op());
+        let fused = softmax_last_dim(&x).unwrap();
+        let slow = softmax_last_dim(tracked.as_tensor()).unwrap();
+        assert!(rel_diff(&fused, &slow) < 1e-6);
+        let norm = LayerNorm {
+            weight: (rng.tensor(16, &Device::Cpu).unwrap() + 1.0).unwrap(),
+            bias: rng.tensor(16, &Device::Cpu).unwrap(),
+            eps: 1e-5,
+        };
+        let fused = norm.forward(&x).unwrap();
+        let slow = norm.forward(tracked.as_tensor()).unwrap();
+        assert!(rel_diff(&fused, &slow) < 1e-6);
+    }
 }
