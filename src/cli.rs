@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
@@ -9,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use erasure_studio::bench;
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
-use erasure_studio::engine::pipeline::{GenerateRequest, img2img, txt2img};
+use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
 use erasure_studio::images;
 use erasure_studio::parity;
 
@@ -125,8 +126,14 @@ pub fn run() -> anyhow::Result<()> {
                     "bf16 is not supported on the CPU (candle's CPU convolutions lack it); use f32"
                 );
             }
+            let started = Instant::now();
             let source = ModelSource::resolve(&model)?;
             let sd = StableDiffusion::load(&source, &dev, dtype)?;
+            eprintln!(
+                "loaded {} in {:.1} s",
+                source.root().display(),
+                started.elapsed().as_secs_f64()
+            );
             let (width, height) = image_size(&sd, width, height, init_image.as_deref())?;
             let req = GenerateRequest {
                 prompts: vec![prompt; batch.max(1)],
@@ -138,18 +145,28 @@ pub fn run() -> anyhow::Result<()> {
                 height,
                 eta,
             };
+            let progress = |done: usize, total: usize| eprint!("\rstep {done}/{total}");
+            let hooks = SampleHooks {
+                cross_attn: None,
+                on_step: Some(&progress),
+            };
             let (_, imgs) =
                 match init_image {
                     Some(path) => {
                         let init = images::load_image(&path, req.width, req.height, &dev)?
                             .repeat((req.prompts.len(), 1, 1, 1))?;
-                        img2img(&sd, &req, &init, strength, None)?
+                        img2img(&sd, &req, &init, strength, hooks)?
                     }
-                    None => txt2img(&sd, &req, None)?,
+                    None => txt2img(&sd, &req, hooks)?,
                 };
             let cols = (req.prompts.len() as f64).sqrt().ceil() as usize;
             images::save_png(&images::grid(&imgs, cols)?, &out)?;
-            println!("wrote {}", out.display());
+            eprintln!();
+            println!(
+                "wrote {} ({:.1} s)",
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
         }
         Commands::Parity {
             model,

@@ -97,7 +97,7 @@ pub fn run(
             ddim: &ddim,
             conditioning: &conditioning,
             eta: 0.0,
-            hook: None,
+            hooks: Default::default(),
         };
         let latents = denoiser.run(ddim.timesteps(), init, &mut unused_noise)?;
         outputs.insert("pipeline.latents".into(), latents);

@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, rel_l2, temp_dir};
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
-use erasure_studio::engine::pipeline::{GenerateRequest, img2img, txt2img};
+use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
 
 fn model() -> StableDiffusion {
     let source = ModelSource::folder(&fixtures().join("tiny-sd1")).unwrap();
@@ -29,19 +29,35 @@ fn request(prompts: &[&str], seed: u64, eta: f64) -> GenerateRequest {
 fn seeds_reproduce_and_batch_items_match_single_runs() {
     let sd = model();
     for eta in [0.0, 1.0] {
-        let (batch, images) = txt2img(&sd, &request(&["a cat", "a dog"], 7, eta), None).unwrap();
+        let (batch, images) = txt2img(
+            &sd,
+            &request(&["a cat", "a dog"], 7, eta),
+            SampleHooks::default(),
+        )
+        .unwrap();
         assert_eq!(images.dims(), &[2, 3, 24, 32]);
-        let (again, _) = txt2img(&sd, &request(&["a cat", "a dog"], 7, eta), None).unwrap();
+        let (again, _) = txt2img(
+            &sd,
+            &request(&["a cat", "a dog"], 7, eta),
+            SampleHooks::default(),
+        )
+        .unwrap();
         assert_eq!(
             rel_l2(&batch, &again),
             0.0,
             "eta {eta}: same seed, same latents"
         );
         // Item 1 of the batch is seed 8 on its own.
-        let (single, _) = txt2img(&sd, &request(&["a dog"], 8, eta), None).unwrap();
+        let (single, _) =
+            txt2img(&sd, &request(&["a dog"], 8, eta), SampleHooks::default()).unwrap();
         let err = rel_l2(&batch.narrow(0, 1, 1).unwrap(), &single);
         assert!(err < 1e-5, "eta {eta}: batch item vs single run {err}");
-        let (other, _) = txt2img(&sd, &request(&["a cat", "a dog"], 9, eta), None).unwrap();
+        let (other, _) = txt2img(
+            &sd,
+            &request(&["a cat", "a dog"], 9, eta),
+            SampleHooks::default(),
+        )
+        .unwrap();
         assert!(
             rel_l2(&batch, &other) > 1e-2,
             "eta {eta}: another seed must change the result"
@@ -52,18 +68,21 @@ fn seeds_reproduce_and_batch_items_match_single_runs() {
 #[test]
 fn guidance_and_prompts_change_the_result() {
     let sd = model();
-    let (cat, images) = txt2img(&sd, &request(&["a cat"], 1, 0.0), None).unwrap();
+    let (cat, images) = txt2img(&sd, &request(&["a cat"], 1, 0.0), SampleHooks::default()).unwrap();
     let values = images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(values.iter().all(|v| (0.0..=1.0).contains(v)));
-    let (dog, _) = txt2img(&sd, &request(&["a dog"], 1, 0.0), None).unwrap();
+    let (dog, _) = txt2img(&sd, &request(&["a dog"], 1, 0.0), SampleHooks::default()).unwrap();
     assert!(rel_l2(&cat, &dog) > 1e-4);
     let mut unguided = request(&["a cat"], 1, 0.0);
     unguided.guidance_scale = 1.0;
-    let (plain, _) = txt2img(&sd, &unguided, None).unwrap();
+    let (plain, _) = txt2img(&sd, &unguided, SampleHooks::default()).unwrap();
     assert!(rel_l2(&cat, &plain) > 1e-4);
     let mut bad = request(&["a cat"], 1, 0.0);
     bad.width = 31;
-    let err = txt2img(&sd, &bad, None).err().unwrap().to_string();
+    let err = txt2img(&sd, &bad, SampleHooks::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("multiples of 2"), "{err}");
 }
 
@@ -72,8 +91,8 @@ fn img2img_keeps_low_strength_close_to_the_init_image() {
     let sd = model();
     let req = request(&["a cat"], 3, 0.0);
     let init = Tensor::rand(0f32, 1.0, (1, 3, 24, 32), &Device::Cpu).unwrap();
-    let (low, _) = img2img(&sd, &req, &init, 0.25, None).unwrap();
-    let (high, _) = img2img(&sd, &req, &init, 1.0, None).unwrap();
+    let (low, _) = img2img(&sd, &req, &init, 0.25, SampleHooks::default()).unwrap();
+    let (high, _) = img2img(&sd, &req, &init, 1.0, SampleHooks::default()).unwrap();
     assert_eq!(low.dims(), &[1, 4, 12, 16]);
     // The encoded init image, for reference.
     let encoded = sd
@@ -91,7 +110,7 @@ fn img2img_keeps_low_strength_close_to_the_init_image() {
         &req,
         &Tensor::zeros((1, 3, 24, 32), DType::F32, &Device::Cpu).unwrap(),
         0.1,
-        None,
+        SampleHooks::default(),
     )
     .err()
     .unwrap()
@@ -196,12 +215,25 @@ fn half_precision_weights_track_f32() {
     let source = ModelSource::folder(&fixtures().join("tiny-sd1")).unwrap();
     let half = StableDiffusion::load(&source, &Device::Cpu, DType::F16).unwrap();
     let req = request(&["a cat"], 2, 0.0);
-    let (latents_f16, images) = txt2img(&half, &req, None).unwrap();
+    let (latents_f16, images) = txt2img(&half, &req, SampleHooks::default()).unwrap();
     assert_eq!(images.dtype(), DType::F32);
-    let (latents_f32, _) = txt2img(&model(), &req, None).unwrap();
+    let (latents_f32, _) = txt2img(&model(), &req, SampleHooks::default()).unwrap();
     let err = rel_l2(&latents_f16, &latents_f32);
     assert!(
         err > 0.0 && err < 2e-2,
         "f16 vs f32 latents: relative error {err}"
     );
+}
+
+#[test]
+fn progress_is_reported_once_per_step() {
+    let sd = model();
+    let calls = std::cell::RefCell::new(Vec::new());
+    let record = |done: usize, total: usize| calls.borrow_mut().push((done, total));
+    let hooks = SampleHooks {
+        cross_attn: None,
+        on_step: Some(&record),
+    };
+    txt2img(&sd, &request(&["a cat"], 0, 0.0), hooks).unwrap();
+    assert_eq!(*calls.borrow(), vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
 }

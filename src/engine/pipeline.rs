@@ -85,14 +85,22 @@ impl Conditioning {
     }
 }
 
-/// DDIM sampling with a model, its conditioning and an optional cross-attention hook.
+/// What a caller can plug into sampling: an adapter in cross-attention and a progress callback.
+#[derive(Default, Clone, Copy)]
+pub struct SampleHooks<'a> {
+    pub cross_attn: Option<&'a dyn CrossAttnHook>,
+    /// Called after each denoising step with (steps done, steps in all).
+    pub on_step: Option<&'a dyn Fn(usize, usize)>,
+}
+
+/// DDIM sampling with a model, its conditioning and optional hooks.
 pub struct Denoiser<'a> {
     pub unet: &'a UNet,
     pub ddim: &'a Ddim,
     pub conditioning: &'a Conditioning,
     /// DDIM η: 0 is deterministic, 1 is DDPM-like.
     pub eta: f64,
-    pub hook: Option<&'a dyn CrossAttnHook>,
+    pub hooks: SampleHooks<'a>,
 }
 
 impl Denoiser<'_> {
@@ -104,10 +112,10 @@ impl Denoiser<'_> {
         noise: &mut BatchNoise,
     ) -> Result<Tensor> {
         let item_shape = latents.dims()[1..].to_vec();
-        for &t in timesteps {
+        for (i, &t) in timesteps.iter().enumerate() {
             let out = self
                 .conditioning
-                .predict(self.unet, &latents, t, self.hook)?;
+                .predict(self.unet, &latents, t, self.hooks.cross_attn)?;
             let step_noise = (self.eta > 0.0)
                 .then(|| noise.tensor(&item_shape, latents.device()))
                 .transpose()?;
@@ -115,6 +123,9 @@ impl Denoiser<'_> {
                 .ddim
                 .step(&out, t, &latents, self.eta, step_noise.as_ref())?
                 .prev_sample;
+            if let Some(on_step) = self.hooks.on_step {
+                on_step(i + 1, timesteps.len());
+            }
         }
         Ok(latents)
     }
@@ -141,7 +152,7 @@ pub fn decode_images(sd: &StableDiffusion, latents: &Tensor) -> Result<Tensor> {
 pub fn txt2img(
     sd: &StableDiffusion,
     req: &GenerateRequest,
-    hook: Option<&dyn CrossAttnHook>,
+    hooks: SampleHooks,
 ) -> anyhow::Result<(Tensor, Tensor)> {
     let shape = latent_shape(sd, req.width, req.height)?;
     let ddim = Ddim::new(&sd.scheduler, req.steps)?;
@@ -154,7 +165,7 @@ pub fn txt2img(
         ddim: &ddim,
         conditioning: &conditioning,
         eta: req.eta,
-        hook,
+        hooks,
     };
     let latents = denoiser.run(ddim.timesteps(), latents, &mut noise)?;
     let images = decode_images(sd, &latents)?;
@@ -168,7 +179,7 @@ pub fn img2img(
     req: &GenerateRequest,
     init: &Tensor,
     strength: f64,
-    hook: Option<&dyn CrossAttnHook>,
+    hooks: SampleHooks,
 ) -> anyhow::Result<(Tensor, Tensor)> {
     if !(0.0..=1.0).contains(&strength) {
         bail!("strength must be in [0, 1], got {strength}");
@@ -198,7 +209,7 @@ pub fn img2img(
         ddim: &ddim,
         conditioning: &conditioning,
         eta: req.eta,
-        hook,
+        hooks,
     };
     let latents = denoiser.run(&timesteps, latents, &mut noise)?;
     let images = decode_images(sd, &latents)?;
