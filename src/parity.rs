@@ -134,6 +134,18 @@ fn scalar(t: &Tensor) -> anyhow::Result<f64> {
         .context("empty scalar input")
 }
 
+/// ‖a − b‖ / ‖b‖ over all elements, computed in f64.
+pub fn relative_l2(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("shapes differ: {:?} vs {:?}", a.dims(), b.dims());
+    }
+    let a = a.to_dtype(DType::F64)?;
+    let b = b.to_dtype(DType::F64)?;
+    let diff = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let norm = b.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    Ok((diff / norm.max(f64::MIN_POSITIVE)).sqrt())
+}
+
 type Inputs = (HashMap<String, Tensor>, HashMap<String, String>);
 
 fn read_inputs(path: &Path) -> anyhow::Result<Inputs> {

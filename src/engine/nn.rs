@@ -137,23 +137,8 @@ mod tests {
     use crate::engine::noise::NoiseStream;
     use candle_core::{Device, Var};
 
-    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let n = b
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        (d / n).sqrt()
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        crate::parity::relative_l2(a, b).unwrap()
     }
 
     /// The fused (inference) and differentiable (training) paths compute the same values.

@@ -155,21 +155,10 @@ pub fn txt2img(
     hooks: SampleHooks,
 ) -> anyhow::Result<(Tensor, Tensor)> {
     let shape = latent_shape(sd, req.width, req.height)?;
-    let ddim = Ddim::new(&sd.scheduler, req.steps)?;
-    let conditioning =
-        Conditioning::encode(sd, &req.prompts, &req.negative_prompt, req.guidance_scale)?;
-    let mut noise = BatchNoise::new(req.seed, req.prompts.len());
-    let latents = (noise.tensor(&shape, &sd.device)? * ddim.init_noise_sigma())?;
-    let denoiser = Denoiser {
-        unet: &sd.unet,
-        ddim: &ddim,
-        conditioning: &conditioning,
-        eta: req.eta,
-        hooks,
-    };
-    let latents = denoiser.run(ddim.timesteps(), latents, &mut noise)?;
-    let images = decode_images(sd, &latents)?;
-    Ok((latents, images))
+    let mut run = SamplingRun::new(sd, req)?;
+    let latents = (run.noise.tensor(&shape, &sd.device)? * run.ddim.init_noise_sigma())?;
+    let timesteps = run.ddim.timesteps().to_vec();
+    run.finish(sd, req, hooks, &timesteps, latents)
 }
 
 /// Image to image: `init` [B, 3, H, W] in [0, 1] is encoded, noised to the timestep `strength`
@@ -185,33 +174,65 @@ pub fn img2img(
         bail!("strength must be in [0, 1], got {strength}");
     }
     latent_shape(sd, req.width, req.height)?;
-    let ddim = Ddim::new(&sd.scheduler, req.steps)?;
+    let mut run = SamplingRun::new(sd, req)?;
     let init_steps = ((req.steps as f64 * strength) as usize).min(req.steps);
-    let timesteps = ddim.timesteps()[req.steps - init_steps..].to_vec();
+    let timesteps = run.ddim.timesteps()[req.steps - init_steps..].to_vec();
     let Some(&first) = timesteps.first() else {
         bail!(
             "strength {strength} with {} steps leaves no denoising step; raise strength or steps",
             req.steps
         );
     };
-    let conditioning =
-        Conditioning::encode(sd, &req.prompts, &req.negative_prompt, req.guidance_scale)?;
-    let mut noise = BatchNoise::new(req.seed, req.prompts.len());
     let image = ((init.to_dtype(sd.dtype)? * 2.0)? - 1.0)?;
     let posterior = sd.vae.encode(&image).context("encoding the init image")?;
     let item_shape = posterior.mean.dims()[1..].to_vec();
-    let sampled = posterior.sample(&noise.tensor(&item_shape, &sd.device)?.to_dtype(sd.dtype)?)?;
+    let sample_noise = run.noise.tensor(&item_shape, &sd.device)?;
+    let sampled = posterior.sample(&sample_noise.to_dtype(sd.dtype)?)?;
     let init_latents = sd.vae.scale(&sampled)?.to_dtype(DType::F32)?;
-    let start_noise = noise.tensor(&item_shape, &sd.device)?;
-    let latents = ddim.add_noise(&init_latents, &start_noise, first)?;
-    let denoiser = Denoiser {
-        unet: &sd.unet,
-        ddim: &ddim,
-        conditioning: &conditioning,
-        eta: req.eta,
-        hooks,
-    };
-    let latents = denoiser.run(&timesteps, latents, &mut noise)?;
-    let images = decode_images(sd, &latents)?;
-    Ok((latents, images))
+    let start_noise = run.noise.tensor(&item_shape, &sd.device)?;
+    let latents = run.ddim.add_noise(&init_latents, &start_noise, first)?;
+    run.finish(sd, req, hooks, &timesteps, latents)
+}
+
+/// What txt2img and img2img share: the scheduler, the encoded prompts and the seeded noise.
+struct SamplingRun {
+    ddim: Ddim,
+    conditioning: Conditioning,
+    noise: BatchNoise,
+}
+
+impl SamplingRun {
+    fn new(sd: &StableDiffusion, req: &GenerateRequest) -> anyhow::Result<Self> {
+        Ok(Self {
+            ddim: Ddim::new(&sd.scheduler, req.steps)?,
+            conditioning: Conditioning::encode(
+                sd,
+                &req.prompts,
+                &req.negative_prompt,
+                req.guidance_scale,
+            )?,
+            noise: BatchNoise::new(req.seed, req.prompts.len()),
+        })
+    }
+
+    /// Denoises `latents` through `timesteps`, then decodes: (final latents, images).
+    fn finish(
+        mut self,
+        sd: &StableDiffusion,
+        req: &GenerateRequest,
+        hooks: SampleHooks,
+        timesteps: &[usize],
+        latents: Tensor,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
+        let denoiser = Denoiser {
+            unet: &sd.unet,
+            ddim: &self.ddim,
+            conditioning: &self.conditioning,
+            eta: req.eta,
+            hooks,
+        };
+        let latents = denoiser.run(timesteps, latents, &mut self.noise)?;
+        let images = decode_images(sd, &latents)?;
+        Ok((latents, images))
+    }
 }

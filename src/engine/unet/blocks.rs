@@ -25,13 +25,16 @@ fn resnet_config(
     }
 }
 
-fn transformer(
-    vb: VarBuilder,
+/// The transformer `attentions.{j}` of the block at `path`.
+fn attention_layer(
+    vb: &VarBuilder,
     path: &str,
+    j: usize,
     stage: &StageConfig,
     cfg: &UNetConfig,
     next_index: &mut usize,
 ) -> Result<Transformer2D> {
+    let name = format!("attentions.{j}");
     let tcfg = TransformerConfig {
         channels: stage.channels,
         heads: stage.heads,
@@ -40,7 +43,7 @@ fn transformer(
         groups: cfg.groups,
         linear_projection: cfg.linear_projection,
     };
-    Transformer2D::new(vb, &tcfg, path, next_index)
+    Transformer2D::new(vb.pp(&name), &tcfg, &format!("{path}.{name}"), next_index)
 }
 
 pub struct DownBlock {
@@ -69,14 +72,7 @@ impl DownBlock {
             let rcfg = resnet_config(cfg, cin, stage.channels, temb, 1.0);
             resnets.push(ResnetBlock::new(vb.pp(format!("resnets.{j}")), rcfg)?);
             if kind == DownKind::CrossAttn {
-                let name = format!("attentions.{j}");
-                attentions.push(transformer(
-                    vb.pp(&name),
-                    &format!("{path}.{name}"),
-                    stage,
-                    cfg,
-                    next_index,
-                )?);
+                attentions.push(attention_layer(&vb, path, j, stage, cfg, next_index)?);
             }
         }
         let downsample = add_downsample
@@ -140,13 +136,7 @@ impl MidBlock {
         let c = stage.channels;
         let rcfg = resnet_config(cfg, c, c, temb, cfg.mid_block_scale_factor);
         let first = ResnetBlock::new(vb.pp("resnets.0"), rcfg)?;
-        let attn = transformer(
-            vb.pp("attentions.0"),
-            "mid_block.attentions.0",
-            stage,
-            cfg,
-            next_index,
-        )?;
+        let attn = attention_layer(&vb, "mid_block", 0, stage, cfg, next_index)?;
         let second = ResnetBlock::new(vb.pp("resnets.1"), rcfg)?;
         Ok(Self {
             first,
@@ -206,14 +196,7 @@ impl UpBlock {
             let rcfg = resnet_config(cfg, cin + skip, c, temb, 1.0);
             resnets.push(ResnetBlock::new(vb.pp(format!("resnets.{j}")), rcfg)?);
             if kind == UpKind::CrossAttn {
-                let name = format!("attentions.{j}");
-                attentions.push(transformer(
-                    vb.pp(&name),
-                    &format!("{path}.{name}"),
-                    stage,
-                    cfg,
-                    next_index,
-                )?);
+                attentions.push(attention_layer(&vb, path, j, stage, cfg, next_index)?);
             }
         }
         let upsample = add_upsample
