@@ -29,35 +29,22 @@ fn request(prompts: &[&str], seed: u64, eta: f64) -> GenerateRequest {
 fn seeds_reproduce_and_batch_items_match_single_runs() {
     let sd = model();
     for eta in [0.0, 1.0] {
-        let (batch, images) = txt2img(
-            &sd,
-            &request(&["a cat", "a dog"], 7, eta),
-            SampleHooks::default(),
-        )
-        .unwrap();
+        let generate = |prompts: &[&str], seed: u64| {
+            txt2img(&sd, &request(prompts, seed, eta), SampleHooks::default()).unwrap()
+        };
+        let (batch, images) = generate(&["a cat", "a dog"], 7);
         assert_eq!(images.dims(), &[2, 3, 24, 32]);
-        let (again, _) = txt2img(
-            &sd,
-            &request(&["a cat", "a dog"], 7, eta),
-            SampleHooks::default(),
-        )
-        .unwrap();
+        let (again, _) = generate(&["a cat", "a dog"], 7);
         assert_eq!(
             rel_l2(&batch, &again),
             0.0,
             "eta {eta}: same seed, same latents"
         );
         // Item 1 of the batch is seed 8 on its own.
-        let (single, _) =
-            txt2img(&sd, &request(&["a dog"], 8, eta), SampleHooks::default()).unwrap();
+        let (single, _) = generate(&["a dog"], 8);
         let err = rel_l2(&batch.narrow(0, 1, 1).unwrap(), &single);
         assert!(err < 1e-5, "eta {eta}: batch item vs single run {err}");
-        let (other, _) = txt2img(
-            &sd,
-            &request(&["a cat", "a dog"], 9, eta),
-            SampleHooks::default(),
-        )
-        .unwrap();
+        let (other, _) = generate(&["a cat", "a dog"], 9);
         assert!(
             rel_l2(&batch, &other) > 1e-2,
             "eta {eta}: another seed must change the result"
