@@ -9,10 +9,13 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
 use erasure_studio::bench;
+use erasure_studio::demo_world::{Caption, Scene};
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
 use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
 use erasure_studio::images;
 use erasure_studio::parity;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 #[derive(Parser)]
 #[command(
@@ -86,6 +89,11 @@ enum Commands {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// The demo world: procedural images of coloured shapes.
+    DemoWorld {
+        #[command(subcommand)]
+        command: DemoWorldCommand,
+    },
     /// Time the engine at SD-1.5 size with random weights.
     Bench {
         /// Print one JSON object per line.
@@ -99,6 +107,19 @@ enum Commands {
         only: Vec<String>,
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DemoWorldCommand {
+    /// Render random scenes of the world as a grid, and print their captions.
+    Preview {
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 16)]
+        count: usize,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -167,6 +188,18 @@ pub fn run() -> anyhow::Result<()> {
                 out.display(),
                 started.elapsed().as_secs_f64()
             );
+        }
+        Commands::DemoWorld {
+            command: DemoWorldCommand::Preview { seed, count, out },
+        } => {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let scenes: Vec<Scene> = (0..count.max(1)).map(|_| Scene::sample(&mut rng)).collect();
+            for (i, scene) in scenes.iter().enumerate() {
+                println!("{i:>3}: {}", Caption::sample(scene, &mut rng).text);
+            }
+            let cols = (scenes.len() as f64).sqrt().ceil() as usize;
+            images::save_png(&images::scene_grid(&scenes, cols), &out)?;
+            println!("wrote {}", out.display());
         }
         Commands::Parity {
             model,

@@ -4,6 +4,7 @@
 //! in every cross-attention layer; `parity` and `bench` are the headless jobs the CLI exposes.
 
 pub mod bench;
+pub mod demo_world;
 pub mod engine;
 pub mod images;
 pub mod parity;

@@ -1,0 +1,10 @@
+//! The demo world: a procedural world of coloured shapes and the tiny models trained on it.
+//!
+//! `scene` draws 64×64 images of one object described by attributes; `captions` writes the
+//! prompts that describe them, from several templates, sometimes leaving attributes out.
+
+pub mod captions;
+pub mod scene;
+
+pub use captions::Caption;
+pub use scene::{Background, Colour, Fill, Object, Scene};
