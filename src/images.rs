@@ -53,12 +53,11 @@ pub fn scene_grid(scenes: &[crate::demo_world::Scene], columns: usize) -> RgbIma
     out
 }
 
-/// Writes a PNG atomically (temporary file, then rename), so a crash never leaves half a file.
+/// Writes a PNG atomically (see `fs::atomically`).
 pub fn save_png(img: &RgbImage, path: &Path) -> anyhow::Result<()> {
-    let tmp = path.with_extension("png.partial");
-    img.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    crate::fs::atomically(path, |tmp| {
+        Ok(img.save_with_format(tmp, image::ImageFormat::Png)?)
+    })
 }
 
 /// Width and height of an image file.

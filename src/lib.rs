@@ -6,5 +6,6 @@
 pub mod bench;
 pub mod demo_world;
 pub mod engine;
+pub mod fs;
 pub mod images;
 pub mod parity;

@@ -158,10 +158,9 @@ fn read_inputs(path: &Path) -> anyhow::Result<Inputs> {
     Ok((tensors, metadata))
 }
 
-/// Saves tensors to a temporary file, then renames it over `path`.
+/// Saves tensors atomically (see `fs::atomically`).
 pub fn write_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
-    let tmp = path.with_extension("safetensors.partial");
-    candle_core::safetensors::save(tensors, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    crate::fs::atomically(path, |tmp| {
+        Ok(candle_core::safetensors::save(tensors, tmp)?)
+    })
 }

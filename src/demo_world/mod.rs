@@ -5,6 +5,7 @@
 
 pub mod captions;
 pub mod scene;
+pub mod vocab;
 
 pub use captions::Caption;
 pub use scene::{Background, Colour, Fill, Object, Scene};

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use unicode_normalization::UnicodeNormalization;
 
 const WORD_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
-const END_OF_WORD: &str = "</w>";
+pub const END_OF_WORD: &str = "</w>";
 const DEFAULT_MAX_LENGTH: usize = 77;
 
 pub struct ClipTokenizer {
@@ -332,7 +332,7 @@ fn split_merge(line: &str) -> anyhow::Result<(String, String)> {
 }
 
 /// GPT-2's reversible map from bytes to printable characters.
-fn bytes_to_unicode() -> [char; 256] {
+pub fn bytes_to_unicode() -> [char; 256] {
     let printable = |b: u32| {
         (u32::from('!')..=u32::from('~')).contains(&b)
             || (0xA1..=0xAC).contains(&b)
