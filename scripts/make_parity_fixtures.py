@@ -14,6 +14,9 @@ What it writes (everything under ``tests/fixtures/``, relative to the repo root)
   clip_sample true, which StableDiffusionPipeline rewrites to 1 and false).
 * ``tokenizer-json/tokenizer/tokenizer.json`` -- tiny-sd1's tokenizer in the fast-tokenizer
   file format only.
+* ``tiny-clip/`` and ``parity/clip-{inputs,expected}.safetensors`` -- a tiny random-weight
+  ``CLIPModel`` (text and image towers, projections) and its ``get_image_features`` /
+  ``get_text_features`` outputs.
 * ``parity/tokenizer-{inputs,expected}.safetensors`` -- ~30 tricky prompts and their ids
   from ``transformers.CLIPTokenizer`` with the full vocabulary.
 * ``parity/{sd1,sd2}-{inputs,expected}.safetensors`` -- inputs and float64 reference outputs
@@ -889,6 +892,56 @@ def write_readme(floors: dict, scheds: dict) -> None:
     (PARITY / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def make_clip() -> None:
+    """``tiny-clip/``: a tiny random-weight ``CLIPModel`` (both towers and projections) with
+    tiny-sd1's tokenizer, and ``parity/clip-{inputs,expected}.safetensors``:
+    ``clip.pixel_values`` F32 [B, 3, S, S] -> ``clip.image_embeds`` (``get_image_features``),
+    ``clip.input_ids`` I64 [B, 77] -> ``clip.text_embeds`` (``get_text_features``)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    root = FIXTURES / "tiny-clip"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    tok_dir = FIXTURES / "tiny-sd1" / "tokenizer"
+    for f in tok_dir.iterdir():
+        shutil.copy(f, root / f.name)
+    tok = CLIPTokenizer.from_pretrained(root)
+    torch.manual_seed(7)
+    config = CLIPConfig(
+        # eos_token_id 2 is the legacy value real OpenAI checkpoints carry: the pooled text
+        # output then sits at the highest id of each row.
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+            eos_token_id=2, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8, hidden_act="quick_gelu",
+        ),
+        projection_dim=24,
+    )
+    model = CLIPModel(config).eval()
+    perturb_(model, 7)
+    model.save_pretrained(root, safe_serialization=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, root / "model.safetensors", metadata={"format": "pt"})
+    gen = torch.Generator().manual_seed(8)
+    pixels = torch.randn(2, 3, 32, 32, generator=gen)
+    ids = tokenize(tok, ["a red striped star on a black background", "a photo of a cat", ""])
+    with torch.no_grad():
+        m64 = model.double()
+        image = m64.get_image_features(pixel_values=pixels.double()).pooler_output
+        text = m64.get_text_features(input_ids=ids).pooler_output
+    save_file({"clip.pixel_values": pixels, "clip.input_ids": ids}, PARITY / "clip-inputs.safetensors")
+    save_file(
+        {"clip.image_embeds": image.float(), "clip.text_embeds": text.float()},
+        PARITY / "clip-expected.safetensors",
+    )
+    print(f"tiny-clip: wrote {root.relative_to(REPO)}")
+
+
 def make_tokenizer_json() -> None:
     """``tokenizer-json/tokenizer/``: tiny-sd1's tokenizer saved by transformers as ``tokenizer.json``
     only (the fast-tokenizer file format), to check the engine reads that format identically."""
@@ -916,6 +969,7 @@ def main() -> None:
         floors[name] = fl
         scheds[name] = (cfg, ts)
     make_tokenizer_json()
+    make_clip()
     make_ddim()
     write_readme(floors, scheds)
     total = 0

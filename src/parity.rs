@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 
+use crate::engine::clip_model::ClipModel;
 use crate::engine::ddim::Ddim;
 use crate::engine::model::ModelSource;
 use crate::engine::noise::BatchNoise;
@@ -102,9 +103,20 @@ pub fn run(
         let latents = denoiser.run(ddim.timesteps(), init, &mut unused_noise)?;
         outputs.insert("pipeline.latents".into(), latents);
     }
+    if has("clip.") {
+        let clip = ClipModel::load(model.root(), device, dtype)?;
+        if tensors.contains_key("clip.pixel_values") {
+            let pixels = get("clip.pixel_values")?.to_dtype(dtype)?;
+            outputs.insert("clip.image_embeds".into(), clip.image_embeds(&pixels)?);
+        }
+        if tensors.contains_key("clip.input_ids") {
+            let ids = get("clip.input_ids")?;
+            outputs.insert("clip.text_embeds".into(), clip.text_embeds(&ids)?);
+        }
+    }
     if outputs.is_empty() {
         bail!(
-            "{}: no input group found (expected metadata `prompts` or tensors named text_encoder.*, unet.*, vae.*, pipeline.*)",
+            "{}: no input group found (expected metadata `prompts` or tensors named text_encoder.*, unet.*, vae.*, pipeline.*, clip.*)",
             inputs.display()
         );
     }

@@ -321,3 +321,51 @@ fn vae_decoder_gradients_match_finite_differences() {
         );
     }
 }
+
+#[test]
+fn clip_model_gradients_match_finite_differences() {
+    use erasure_studio::engine::clip_model::{ClipModel, ClipModelConfig};
+    let cfg: ClipModelConfig = serde_json::from_str(
+        r#"{"text_config": {"vocab_size": 30, "hidden_size": 12, "intermediate_size": 16,
+              "num_hidden_layers": 1, "num_attention_heads": 3, "max_position_embeddings": 6},
+            "vision_config": {"hidden_size": 12, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
+            "projection_dim": 5}"#,
+    )
+    .unwrap();
+    let vars = VarMap::new();
+    let clip = ClipModel::new(VarBuilder::from_varmap(&vars, DType::F64, &DEV), &cfg).unwrap();
+    randomize(&vars, 5);
+    let mut rng = NoiseStream::new(15);
+    let pixels = randn(&mut rng, &[2, 3, 8, 8]);
+    // Legacy eos id 2: pooling takes each row's highest id (29 here).
+    let ids = Tensor::new(&[[1u32, 5, 7, 29, 29, 29], [1, 29, 29, 29, 29, 29]], &DEV).unwrap();
+    let (wi, wt) = (randn(&mut rng, &[2, 5]), randn(&mut rng, &[2, 5]));
+    let loss = || {
+        let image = projection_loss(&clip.image_embeds(&pixels)?, &wi)?;
+        image + projection_loss(&clip.text_embeds(&ids)?, &wt)?
+    };
+    let data = vars.data().lock().unwrap().clone();
+    for name in [
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.embeddings.class_embedding",
+        "vision_model.pre_layrnorm.weight",
+        "visual_projection.weight",
+        "text_model.embeddings.token_embedding.weight",
+        "text_projection.weight",
+    ] {
+        let var = &data[name];
+        check_var(name, var, &coords(var.as_tensor().elem_count(), 8), &loss);
+    }
+    drop(data);
+    // logit_scale only enters contrastive losses, not the embeddings.
+    let grads = loss().unwrap().backward().unwrap();
+    let data = vars.data().lock().unwrap();
+    let mut missing: Vec<&String> = data
+        .iter()
+        .filter(|(name, var)| *name != "logit_scale" && grads.get(var.as_tensor()).is_none())
+        .map(|(name, _)| name)
+        .collect();
+    missing.sort();
+    assert!(missing.is_empty(), "no gradient for {missing:?}");
+}

@@ -63,6 +63,11 @@ fn sd2_style_model_matches_diffusers() {
 }
 
 #[test]
+fn clip_model_matches_transformers() {
+    check_case("tiny-clip", "clip");
+}
+
+#[test]
 fn tokenizer_json_format_gives_the_same_ids() {
     use erasure_studio::engine::tokenizer::ClipTokenizer;
     let dir = fixtures();

@@ -2,70 +2,74 @@
 
 use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::nn::{LayerNorm, attention, linear};
+use super::clip_encoder::{Activation, ClipEncoder, EncoderShape};
+use super::nn::LayerNorm;
 
+/// transformers' `CLIPTextConfig`, with its defaults for missing keys.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default = "default_positions")]
     pub max_position_embeddings: usize,
-    #[serde(default = "default_act")]
     pub hidden_act: Activation,
-    #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// 2 (the legacy default) means "the highest id marks the end", as in transformers.
+    pub eos_token_id: u32,
 }
 
-fn default_positions() -> usize {
-    77
-}
-fn default_act() -> Activation {
-    Activation::QuickGelu
-}
-fn default_eps() -> f64 {
-    1e-5
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
-pub enum Activation {
-    #[serde(rename = "quick_gelu")]
-    QuickGelu,
-    #[serde(rename = "gelu")]
-    Gelu,
-    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh")]
-    GeluTanh,
-}
-
-impl Activation {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Activation::Gelu => x.gelu_erf(),
-            Activation::GeluTanh => x.gelu(),
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            eos_token_id: 2,
         }
     }
 }
 
 impl ClipTextConfig {
+    pub fn encoder_shape(&self) -> EncoderShape {
+        EncoderShape {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            layers: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            act: self.hidden_act,
+            eps: self.layer_norm_eps,
+        }
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let cfg: Self = super::config::read_json(path)?;
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        cfg.validate()
+            .with_context(|| format!("{}: invalid text encoder config", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             bail!(
-                "{}: hidden_size {} is not divisible by num_attention_heads {}",
-                path.display(),
-                cfg.hidden_size,
-                cfg.num_attention_heads
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
             );
         }
-        Ok(cfg)
+        Ok(())
     }
 }
 
@@ -73,57 +77,10 @@ impl ClipTextConfig {
 /// stores names without it.
 pub const WEIGHT_ALIASES: &[(&str, &str)] = &[("text_model.", "")];
 
-struct EncoderLayer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    norm1: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    norm2: LayerNorm,
-    heads: usize,
-    act: Activation,
-}
-
-impl EncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let attn = vb.pp("self_attn");
-        Ok(Self {
-            q: linear(attn.pp("q_proj"), d, d, true)?,
-            k: linear(attn.pp("k_proj"), d, d, true)?,
-            v: linear(attn.pp("v_proj"), d, d, true)?,
-            out: linear(attn.pp("out_proj"), d, d, true)?,
-            norm1: LayerNorm::new(vb.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
-            fc1: linear(vb.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
-            fc2: linear(vb.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
-            norm2: LayerNorm::new(vb.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
-            heads: cfg.num_attention_heads,
-            act: cfg.hidden_act,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?;
-        let attn = attention(
-            &self.q.forward(&h)?,
-            &self.k.forward(&h)?,
-            &self.v.forward(&h)?,
-            self.heads,
-            Some(causal_mask),
-        )?;
-        let x = (x + self.out.forward(&attn)?)?;
-        let h = self.norm2.forward(&x)?;
-        let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&h)?)?)?;
-        x + h
-    }
-}
-
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Tensor,
-    layers: Vec<EncoderLayer>,
+    encoder: ClipEncoder,
     final_norm: LayerNorm,
     config: ClipTextConfig,
 }
@@ -144,14 +101,12 @@ impl ClipTextModel {
                 stdev: 0.01,
             },
         )?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), config))
-            .collect::<Result<Vec<_>>>()?;
+        let encoder = ClipEncoder::new(vb.pp("encoder"), &config.encoder_shape())?;
         let final_norm = LayerNorm::new(vb.pp("final_layer_norm"), d, config.layer_norm_eps)?;
         Ok(Self {
             token_embedding,
             position_embedding,
-            layers,
+            encoder,
             final_norm,
             config: config.clone(),
         })
@@ -173,12 +128,39 @@ impl ClipTextModel {
         let ids = input_ids.to_dtype(candle_core::DType::U32)?;
         let tokens = self.token_embedding.forward(&ids)?;
         let positions = self.position_embedding.narrow(0, 0, len)?;
-        let mut x = tokens.broadcast_add(&positions)?;
+        let x = tokens.broadcast_add(&positions)?;
         let mask = causal_mask(len, x.device())?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
-        }
-        self.final_norm.forward(&x)
+        self.final_norm
+            .forward(&self.encoder.forward(&x, Some(&mask))?)
+    }
+}
+
+impl ClipTextModel {
+    /// The hidden state at each prompt's end token [B, D] (transformers' `pooler_output`): the
+    /// first `eos_token_id`, or with the legacy id 2 the first occurrence of the highest id.
+    pub fn pooled(&self, hidden: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
+        let ids = input_ids
+            .to_dtype(candle_core::DType::I64)?
+            .to_vec2::<i64>()?;
+        let eos = i64::from(self.config.eos_token_id);
+        let positions: Vec<u32> = ids
+            .iter()
+            .map(|row| {
+                let target = if eos == 2 {
+                    row.iter().copied().max().unwrap_or(0)
+                } else {
+                    eos
+                };
+                row.iter()
+                    .position(|&id| id == target)
+                    .unwrap_or(row.len() - 1) as u32
+            })
+            .collect();
+        let d = hidden.dim(2)?;
+        let index = Tensor::from_vec(positions, (ids.len(), 1, 1), hidden.device())?
+            .expand((ids.len(), 1, d))?
+            .contiguous()?;
+        hidden.gather(&index, 1)?.squeeze(1)
     }
 }
 

@@ -3,7 +3,10 @@
 //! Every op on a gradient path has a backward in candle (see `nn` for the replacements of
 //! candle's fused ops that silently drop gradients).
 
+pub mod clip_encoder;
+pub mod clip_model;
 pub mod clip_text;
+pub mod clip_vision;
 pub mod config;
 pub mod ddim;
 pub mod model;
