@@ -9,3 +9,4 @@ pub mod engine;
 pub mod fs;
 pub mod images;
 pub mod parity;
+pub mod train;

@@ -1,0 +1,6 @@
+//! Training machinery shared by every trainer: the optimiser and resumable checkpoints.
+
+pub mod adamw;
+pub mod checkpoint;
+
+pub use adamw::{AdamW, AdamWConfig, StepOutcome};
