@@ -4,6 +4,7 @@
 //! prompts that describe them, from several templates, sometimes leaving attributes out.
 
 pub mod captions;
+pub mod judge;
 pub mod scene;
 pub mod vocab;
 

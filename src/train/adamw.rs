@@ -115,13 +115,14 @@ impl AdamW {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let g = (g * clip)?;
-            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            // Detached: the state must not keep a graph that links every step to the last.
+            let g = (g.detach() * clip)?;
+            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
+            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let m_hat = (&slot.m / bias1)?;
             let v_hat = (&slot.v / bias2)?;
-            let theta = slot.var.as_tensor();
-            let decayed = (theta * (1.0 - c.lr * c.weight_decay))?;
+            let theta = slot.var.as_tensor().detach();
+            let decayed = (&theta * (1.0 - c.lr * c.weight_decay))?;
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
             slot.var.set(&(decayed - (update * c.lr)?)?)?;
         }
@@ -201,6 +202,11 @@ mod tests {
             theta = theta * (1.0 - 0.1 * 0.5) - 0.1 * mh / (vh.sqrt() + 1e-8);
             let got = x.as_tensor().to_vec1::<f64>().unwrap()[0];
             assert!((got - theta).abs() < 1e-12, "step {t}: {got} vs {theta}");
+        }
+        // No state may hold a graph: it would chain every step to the previous ones and grow
+        // without bound.
+        for (m, v) in opt.state().values() {
+            assert!(!m.track_op() && !v.track_op());
         }
     }
 
