@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::scene::{Background, Colour, Fill, Object, Scene};
 use crate::engine::nn::{conv2d, group_norm, linear};
+use crate::train::init::seeded_var_builder;
 use crate::train::{AdamW, AdamWConfig, StepOutcome};
 
 /// Sizes of the judge network.
@@ -207,7 +208,7 @@ pub fn train(
     mut on_step: impl FnMut(usize, f64),
 ) -> anyhow::Result<(Judge, VarMap)> {
     let vars = VarMap::new();
-    let judge = Judge::new(VarBuilder::from_varmap(&vars, DType::F32, device), config)?;
+    let judge = Judge::new(seeded_var_builder(&vars, seed, DType::F32, device), config)?;
     let params = {
         let data = vars.data().lock().expect("var map lock");
         let mut p: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -252,6 +253,10 @@ mod tests {
         };
         let mut losses = Vec::new();
         train(&config, 30, 16, 0, &Device::Cpu, |_, l| losses.push(l)).unwrap();
+        // Same seed, same run.
+        let mut again = Vec::new();
+        train(&config, 30, 16, 0, &Device::Cpu, |_, l| again.push(l)).unwrap();
+        assert_eq!(losses, again);
         let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
         let last: f64 = losses[25..].iter().sum::<f64>() / 5.0;
         assert!(last < 0.8 * first, "loss {first:.3} → {last:.3}");

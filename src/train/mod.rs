@@ -2,5 +2,6 @@
 
 pub mod adamw;
 pub mod checkpoint;
+pub mod init;
 
 pub use adamw::{AdamW, AdamWConfig, StepOutcome};
