@@ -82,12 +82,14 @@ pub fn load_image(
     } else {
         image::imageops::resize(&img, width as u32, height as u32, FilterType::Lanczos3)
     };
-    let data: Vec<f32> = img
-        .into_raw()
-        .into_iter()
-        .map(|v| v as f32 / 255.0)
-        .collect();
-    Ok(Tensor::from_vec(data, (1, height, width, 3), device)?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?)
+    Ok(to_tensor(&img, device)?.unsqueeze(0)?)
+}
+
+/// An RGB image → [3, H, W] f32 in [0, 1].
+pub fn to_tensor(img: &RgbImage, device: &Device) -> candle_core::Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect();
+    Tensor::from_vec(data, (h as usize, w as usize, 3), device)?
+        .permute((2, 0, 1))?
+        .contiguous()
 }

@@ -110,31 +110,26 @@ fn cli_generates_txt2img_and_img2img_pngs() {
     let dir = temp_dir("cli-generate");
     let model = fixtures().join("tiny-sd1");
     let run = |extra: &[&str], out: &str| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))
-            .arg("generate")
-            .arg("--model")
-            .arg(&model)
-            .args([
-                "--prompt",
-                "a red star",
-                "--steps",
-                "3",
-                "--batch",
-                "4",
-                "--width",
-                "16",
-                "--height",
-                "16",
-            ])
-            .args(extra)
-            .arg("--out")
-            .arg(dir.join(out))
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+        common::run_cli(
+            std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))
+                .arg("generate")
+                .arg("--model")
+                .arg(&model)
+                .args([
+                    "--prompt",
+                    "a red star",
+                    "--steps",
+                    "3",
+                    "--batch",
+                    "4",
+                    "--width",
+                    "16",
+                    "--height",
+                    "16",
+                ])
+                .args(extra)
+                .arg("--out")
+                .arg(dir.join(out)),
         );
         image::open(dir.join(out)).unwrap().to_rgb8()
     };
@@ -174,20 +169,15 @@ fn cli_generates_txt2img_and_img2img_pngs() {
 fn cli_parity_runner_writes_the_contract_outputs() {
     let dir = temp_dir("cli-parity");
     let out = dir.join("out.safetensors");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))
-        .arg("parity")
-        .arg("--model")
-        .arg(fixtures().join("tiny-sd2"))
-        .arg("--inputs")
-        .arg(fixtures().join("parity").join("sd2-inputs.safetensors"))
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    common::run_cli(
+        std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))
+            .arg("parity")
+            .arg("--model")
+            .arg(fixtures().join("tiny-sd2"))
+            .arg("--inputs")
+            .arg(fixtures().join("parity").join("sd2-inputs.safetensors"))
+            .arg("--out")
+            .arg(&out),
     );
     let written = common::load(&out);
     let expected = common::load(&fixtures().join("parity").join("sd2-expected.safetensors"));

@@ -147,16 +147,7 @@ impl Judge {
 pub fn render_batch(scenes: &[Scene], device: &Device) -> Result<Tensor> {
     let items = scenes
         .iter()
-        .map(|s| {
-            let img = s.render();
-            let (w, h) = img.dimensions();
-            let data: Vec<f32> = img
-                .into_raw()
-                .into_iter()
-                .map(|v| f32::from(v) / 255.0)
-                .collect();
-            Tensor::from_vec(data, (h as usize, w as usize, 3), device)?.permute((2, 0, 1))
-        })
+        .map(|s| crate::images::to_tensor(&s.render(), device))
         .collect::<Result<Vec<_>>>()?;
     Tensor::stack(&items, 0)
 }

@@ -1,6 +1,6 @@
 //! CLIP image tower (transformers' `CLIPVisionModel`): a ViT over square patches.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
@@ -39,6 +39,17 @@ impl Default for ClipVisionConfig {
 }
 
 impl ClipVisionConfig {
+    pub fn encoder_shape(&self) -> EncoderShape {
+        EncoderShape {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            layers: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            act: self.hidden_act,
+            eps: self.layer_norm_eps,
+        }
+    }
+
     fn patches(&self) -> usize {
         (self.image_size / self.patch_size).pow(2)
     }
@@ -75,14 +86,6 @@ impl ClipVisionModel {
             stride: config.patch_size,
             ..Default::default()
         };
-        let shape = EncoderShape {
-            hidden_size: d,
-            intermediate_size: config.intermediate_size,
-            layers: config.num_hidden_layers,
-            heads: config.num_attention_heads,
-            act: config.hidden_act,
-            eps: config.layer_norm_eps,
-        };
         Ok(Self {
             class_embedding: emb.get_with_hints(d, "class_embedding", small)?,
             patch_embedding: candle_nn::conv2d_no_bias(
@@ -99,7 +102,7 @@ impl ClipVisionModel {
             )?,
             // "pre_layrnorm" is transformers' spelling.
             pre_norm: LayerNorm::new(vb.pp("pre_layrnorm"), d, config.layer_norm_eps)?,
-            encoder: ClipEncoder::new(vb.pp("encoder"), &shape)?,
+            encoder: ClipEncoder::new(vb.pp("encoder"), &config.encoder_shape())?,
             post_norm: LayerNorm::new(vb.pp("post_layernorm"), d, config.layer_norm_eps)?,
             config: config.clone(),
         })
@@ -131,20 +134,4 @@ impl ClipVisionModel {
             .forward(&self.pre_norm.forward(&tokens)?, None)?;
         self.post_norm.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)
     }
-}
-
-/// CLIP's pixel normalisation: images in [0, 1] → (x − mean) / std per channel.
-pub fn normalize(images: &Tensor) -> Result<Tensor> {
-    let dev = images.device();
-    let mean =
-        Tensor::new(&[0.481_454_66f32, 0.457_827_5, 0.408_210_73], dev)?.reshape((1, 3, 1, 1))?;
-    let std =
-        Tensor::new(&[0.268_629_54f32, 0.261_302_6, 0.275_777_1], dev)?.reshape((1, 3, 1, 1))?;
-    let images = images.to_dtype(candle_core::DType::F32)?;
-    images.broadcast_sub(&mean)?.broadcast_div(&std)
-}
-
-/// L2-normalises embeddings along the last dimension.
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
 }

@@ -113,7 +113,7 @@ impl WeightFiles {
             })
     }
 
-    pub fn path_of(&self, name: &str) -> Option<&Path> {
+    fn path_of(&self, name: &str) -> Option<&Path> {
         let stored = self.resolve(name)?;
         Some(&self.files[self.index[stored].0].path)
     }

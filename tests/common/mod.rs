@@ -22,6 +22,17 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     erasure_studio::parity::relative_l2(a, b).unwrap()
 }
 
+/// Runs the CLI and asserts it succeeded, showing its stderr otherwise.
+pub fn run_cli(cmd: &mut std::process::Command) -> std::process::Output {
+    let output = cmd.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 /// A fresh temporary directory under the target folder (removed by the caller or left for
 /// inspection on failure).
 pub fn temp_dir(name: &str) -> PathBuf {
