@@ -1,6 +1,7 @@
 //! `erasure-studio bench`: engine timings at Stable Diffusion 1.5 size with random weights made
 //! in memory. `bench/torch_reference.py` times the same cases with PyTorch + diffusers, so the
-//! two can be compared on one machine in one session.
+//! two can be compared on one machine in one session. The `demo_*` cases time the demo model's
+//! sizes (the last one the shipped model itself).
 
 use std::time::Instant;
 
@@ -9,7 +10,10 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 
+use crate::demo_world::architecture;
 use crate::engine::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::engine::model::{ModelSource, StableDiffusion};
+use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
 use crate::engine::unet::config::UNetConfigFile;
 use crate::engine::unet::{UNet, UNetConfig};
 use crate::engine::vae::{AutoencoderKl, VaeConfig};
@@ -22,6 +26,9 @@ pub const CASES: &[&str] = &[
     "unet_fwdbwd_32_b1",
     "vae_decode_32_b1",
     "vae_decode_64_b1",
+    "demo_unet_fwd_b8",
+    "demo_vae_decode_b4",
+    "demo_txt2img_b4",
 ];
 
 const SD15_UNET: &str = r#"{"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
@@ -110,6 +117,51 @@ pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<B
             let latents = Tensor::randn(0f32, 1.0, (1, 4, side, side), device)?;
             Box::new(move || {
                 vae.decode(&latents)?;
+                Ok(())
+            })
+        }
+        // One guided step of four demo images, and their decoding.
+        "demo_unet_fwd_b8" => {
+            let unet = UNet::new(vb, &architecture::parsed_unet()?)?;
+            let side = architecture::LATENT_SIZE;
+            let sample = Tensor::randn(0f32, 1.0, (8, 4, side, side), device)?;
+            let context = Tensor::randn(
+                0f32,
+                1.0,
+                (8, architecture::TOKEN_LENGTH, architecture::TEXT_WIDTH),
+                device,
+            )?;
+            let t = Tensor::full(500u32, 8, device)?;
+            Box::new(move || {
+                unet.forward(&sample, &t, &context, None)?;
+                Ok(())
+            })
+        }
+        "demo_vae_decode_b4" => {
+            let vae = AutoencoderKl::new(vb, &architecture::parsed_vae(1.0)?)?;
+            let side = architecture::LATENT_SIZE;
+            let latents = Tensor::randn(0f32, 1.0, (4, 4, side, side), device)?;
+            Box::new(move || {
+                vae.decode(&latents)?;
+                Ok(())
+            })
+        }
+        // What a studio user waits for: four demo images, 25 guided steps, decoded.
+        "demo_txt2img_b4" => {
+            let source = ModelSource::folder(&crate::demo_world::demo_model_dir()?)?;
+            let sd = StableDiffusion::load(&source, device, DType::F32)?;
+            let req = GenerateRequest {
+                prompts: vec!["a red striped star on a black background".into(); 4],
+                negative_prompt: String::new(),
+                seed: 0,
+                steps: 25,
+                guidance_scale: 5.0,
+                width: 64,
+                height: 64,
+                eta: 0.0,
+            };
+            Box::new(move || {
+                txt2img(&sd, &req, SampleHooks::default())?;
                 Ok(())
             })
         }

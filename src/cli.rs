@@ -5,11 +5,13 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 
 use erasure_studio::bench;
 use erasure_studio::demo_world::judge::{self, JudgeConfig};
+use erasure_studio::demo_world::quality::{self, QualitySettings};
+use erasure_studio::demo_world::recipe::{self, Recipe, format_accuracy};
 use erasure_studio::demo_world::{Caption, Scene};
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
 use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
@@ -43,9 +45,10 @@ struct DeviceArgs {
 enum Commands {
     /// Generate images from a prompt (txt2img, or img2img with --init-image).
     Generate {
-        /// A diffusers model folder, or a Hugging Face repo id found in the local cache.
+        /// A diffusers model folder, a Hugging Face repo id found in the local cache, or `demo`
+        /// (the built-in demo model, also the default).
         #[arg(long)]
-        model: String,
+        model: Option<String>,
         #[arg(long)]
         prompt: String,
         #[arg(long, default_value = "")]
@@ -122,6 +125,51 @@ enum DemoWorldCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Build the whole demo model from scratch into a diffusers folder (resumes when rerun).
+    Train {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// A few steps per stage: checks the machinery in a minute, the model is useless.
+        #[arg(long)]
+        micro: bool,
+    },
+    /// Render a grid: one row per prompt, one column per seed.
+    Sample {
+        /// A prompt (repeat for more rows).
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        /// Model folder (default: the built-in demo model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Images per prompt; column j uses seed + j.
+        #[arg(long, default_value_t = 4)]
+        per_prompt: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 25)]
+        steps: usize,
+        #[arg(long, default_value_t = 5.0)]
+        guidance: f64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Measure a demo model with the judge: every attribute combination, held-out seeds.
+    Evaluate {
+        /// Model folder (default: the built-in demo model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Judge folder (default: `judge/` in the model folder).
+        #[arg(long)]
+        judge: Option<PathBuf>,
+        /// Images per combination (360 combinations).
+        #[arg(long, default_value_t = 2)]
+        per_combination: usize,
+        /// Also write the report here as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Train the judge (attribute classifier) on the generator and report its accuracy.
     TrainJudge {
         #[arg(long, default_value_t = 1500)]
@@ -161,7 +209,7 @@ pub fn run() -> anyhow::Result<()> {
                 );
             }
             let started = Instant::now();
-            let source = ModelSource::resolve(&model)?;
+            let source = resolve_model(model.as_deref())?;
             let sd = StableDiffusion::load(&source, &dev, dtype)?;
             eprintln!(
                 "loaded {} in {:.1} s",
@@ -213,6 +261,102 @@ pub fn run() -> anyhow::Result<()> {
             let cols = (scenes.len() as f64).sqrt().ceil() as usize;
             images::save_png(&images::scene_grid(&scenes, cols), &out)?;
             println!("wrote {}", out.display());
+        }
+        Commands::DemoWorld {
+            command:
+                DemoWorldCommand::Sample {
+                    prompts,
+                    model,
+                    per_prompt,
+                    seed,
+                    steps,
+                    guidance,
+                    out,
+                },
+        } => {
+            let sd =
+                StableDiffusion::load(&resolve_model(model.as_deref())?, &Device::Cpu, DType::F32)?;
+            let (width, height) = image_size(&sd, None, None, None)?;
+            let per_prompt = per_prompt.max(1);
+            let mut rows = Vec::new();
+            for prompt in &prompts {
+                let req = GenerateRequest {
+                    prompts: vec![prompt.clone(); per_prompt],
+                    negative_prompt: String::new(),
+                    seed,
+                    steps,
+                    guidance_scale: guidance,
+                    width,
+                    height,
+                    eta: 0.0,
+                };
+                rows.push(txt2img(&sd, &req, SampleHooks::default())?.1);
+                eprintln!("{prompt}");
+            }
+            images::save_png(&images::grid(&Tensor::cat(&rows, 0)?, per_prompt)?, &out)?;
+            println!("wrote {}", out.display());
+        }
+        Commands::DemoWorld {
+            command:
+                DemoWorldCommand::Evaluate {
+                    model,
+                    judge,
+                    per_combination,
+                    out,
+                },
+        } => {
+            let source = resolve_model(model.as_deref())?;
+            let sd = StableDiffusion::load(&source, &Device::Cpu, DType::F32)?;
+            let judge_dir = judge.unwrap_or_else(|| source.root().join("judge"));
+            let judge = judge::Judge::load(&judge_dir, &Device::Cpu)?;
+            let settings = QualitySettings {
+                per_combination,
+                ..Default::default()
+            };
+            let report = quality::measure(&sd, &judge, &settings, |done, total| {
+                eprint!("\rgenerated and judged {done}/{total}")
+            })?;
+            eprintln!();
+            println!(
+                "{} images ({} steps, guidance {}): {}; all four right {:.1} %",
+                report.images,
+                settings.steps,
+                settings.guidance_scale,
+                format_accuracy(&report.generated),
+                100.0 * report.all_correct
+            );
+            println!(
+                "judge on 1024 generator images: {}",
+                format_accuracy(&report.judge_on_generator)
+            );
+            if let Some(out) = out {
+                erasure_studio::fs::write_atomic(
+                    &out,
+                    serde_json::to_string_pretty(&report)?.as_bytes(),
+                )?;
+            }
+        }
+        Commands::DemoWorld {
+            command: DemoWorldCommand::Train { out, seed, micro },
+        } => {
+            let started = Instant::now();
+            let recipe = if micro {
+                Recipe::micro(seed)
+            } else {
+                Recipe::standard(seed)
+            };
+            let log = recipe::build(&recipe, &out, &Device::Cpu)?;
+            for (name, stage) in &log.stages {
+                eprintln!(
+                    "{name}: {:.0} s, final loss {:?}, {:?}",
+                    stage.seconds, stage.final_loss, stage.figures
+                );
+            }
+            println!(
+                "wrote the demo model to {} ({:.0} s in this run)",
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
         }
         Commands::DemoWorld {
             command:
@@ -316,6 +460,14 @@ fn image_size(
         }
     };
     Ok((width.unwrap_or(default_w), height.unwrap_or(default_h)))
+}
+
+/// `--model`: a folder or cached repo id; none (or `demo`) means the built-in demo model.
+fn resolve_model(spec: Option<&str>) -> anyhow::Result<ModelSource> {
+    match spec {
+        None | Some("demo") => ModelSource::folder(&erasure_studio::demo_world::demo_model_dir()?),
+        Some(spec) => ModelSource::resolve(spec),
+    }
 }
 
 fn run_case_in_child(

@@ -3,6 +3,7 @@
 mod cli;
 
 fn main() {
+    erasure_studio::allocator::keep_freed_memory();
     if let Err(e) = cli::run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

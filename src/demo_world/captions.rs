@@ -101,6 +101,14 @@ impl Caption {
         }
     }
 
+    /// Whether everything the caption names is true of `scene`.
+    pub fn describes(&self, scene: &Scene) -> bool {
+        self.object.is_none_or(|o| o == scene.object)
+            && self.colour.is_none_or(|c| c == scene.colour)
+            && self.fill.is_none_or(|f| f == scene.fill)
+            && self.background.is_none_or(|b| b == scene.background)
+    }
+
     /// The attributes a prompt names, read back from its words.
     pub fn parse(text: &str) -> Self {
         let words: Vec<String> = text
@@ -132,6 +140,7 @@ fn article(phrase: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::demo_world::judge::Attributes;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -183,8 +192,12 @@ mod tests {
                 caption.text
             );
             // Whatever a caption names is true of the scene.
-            assert!(caption.colour.is_none_or(|c| c == scene.colour));
-            assert!(caption.object.is_none_or(|o| o == scene.object));
+            assert!(caption.describes(&scene));
+            let other = Scene::sample(&mut rng);
+            assert_eq!(
+                Caption::full(&other).describes(&scene),
+                Attributes::from(&other) == Attributes::from(&scene)
+            );
             partial += usize::from(
                 caption.colour.is_none() || caption.fill.is_none() || caption.background.is_none(),
             );

@@ -11,9 +11,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::scene::{Background, Colour, Fill, Object, Scene};
+use super::scene::{Background, Colour, Fill, Object, Scene, render_batch};
 use crate::engine::nn::{conv2d, group_norm, linear};
 use crate::train::init::seeded_var_builder;
+use crate::train::run::sorted_params;
 use crate::train::{AdamW, AdamWConfig, StepOutcome};
 
 /// Sizes of the judge network.
@@ -143,15 +144,6 @@ impl Judge {
     }
 }
 
-/// Scenes rendered into a batch [B, 3, 64, 64] in [0, 1].
-pub fn render_batch(scenes: &[Scene], device: &Device) -> Result<Tensor> {
-    let items = scenes
-        .iter()
-        .map(|s| crate::images::to_tensor(&s.render(), device))
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::stack(&items, 0)
-}
-
 fn labels(scenes: &[Scene], device: &Device) -> Result<[Tensor; 4]> {
     let column = |f: &dyn Fn(&Scene) -> usize| {
         let v: Vec<u32> = scenes.iter().map(|s| f(s) as u32).collect();
@@ -200,14 +192,8 @@ pub fn train(
 ) -> anyhow::Result<(Judge, VarMap)> {
     let vars = VarMap::new();
     let judge = Judge::new(seeded_var_builder(&vars, seed, DType::F32, device), config)?;
-    let params = {
-        let data = vars.data().lock().expect("var map lock");
-        let mut p: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        p.sort_by(|a, b| a.0.cmp(&b.0));
-        p
-    };
     let mut opt = AdamW::new(
-        params,
+        sorted_params(&vars),
         AdamWConfig {
             lr: 2e-3,
             weight_decay: 1e-4,

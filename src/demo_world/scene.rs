@@ -2,6 +2,8 @@
 
 use image::{Rgb, RgbImage};
 use rand::Rng;
+use rayon::prelude::*;
+use std::sync::LazyLock;
 
 /// Side of every demo-world image, in pixels.
 pub const IMAGE_SIZE: u32 = 64;
@@ -217,6 +219,21 @@ impl Scene {
     }
 }
 
+/// Scenes rendered into a batch [B, 3, 64, 64] in [0, 1].
+pub fn render_batch(
+    scenes: &[Scene],
+    device: &candle_core::Device,
+) -> candle_core::Result<candle_core::Tensor> {
+    let items = scenes
+        .par_iter()
+        .map(|s| crate::images::to_tensor(&s.render(), device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    candle_core::Tensor::stack(&items, 0)
+}
+
+static TRIANGLE: LazyLock<Vec<(f64, f64)>> = LazyLock::new(|| regular_polygon(3, 1.0, 1.0));
+static STAR: LazyLock<Vec<(f64, f64)>> = LazyLock::new(|| regular_polygon(5, 1.0, 0.42));
+
 impl Object {
     /// Whether (u, v), in units of the circumradius around the centre (v pointing down), is
     /// inside the shape.
@@ -224,8 +241,8 @@ impl Object {
         match self {
             Object::Circle => u * u + v * v <= 1.0,
             Object::Square => u.abs() <= 0.75 && v.abs() <= 0.75,
-            Object::Triangle => in_polygon(&regular_polygon(3, 1.0, 1.0), u, v - 0.15),
-            Object::Star => in_polygon(&regular_polygon(5, 1.0, 0.42), u, v - 0.05),
+            Object::Triangle => in_polygon(&TRIANGLE, u, v - 0.15),
+            Object::Star => in_polygon(&STAR, u, v - 0.05),
             Object::Heart => {
                 // The classic heart curve (x² + y² − 1)³ ≤ x²·y³, scaled to the unit circle.
                 let (x, y) = (u * 1.15, -v * 1.15 + 0.15);

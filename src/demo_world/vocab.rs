@@ -91,8 +91,14 @@ pub fn learn(captions: usize, seed: u64) -> (BTreeMap<String, u32>, Vec<(String,
     (vocab, merges)
 }
 
-/// Writes a `tokenizer/` folder in the layout SD 1.x repos use.
-pub fn write_tokenizer(dir: &Path, captions: usize, seed: u64) -> anyhow::Result<()> {
+/// Writes a `tokenizer/` folder in the layout SD 1.x repos use; prompts are padded or cut to
+/// `max_length` tokens.
+pub fn write_tokenizer(
+    dir: &Path,
+    captions: usize,
+    seed: u64,
+    max_length: usize,
+) -> anyhow::Result<()> {
     let (vocab, merges) = learn(captions, seed);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let merges_txt: String = std::iter::once("#version: 0.2".to_string())
@@ -100,7 +106,7 @@ pub fn write_tokenizer(dir: &Path, captions: usize, seed: u64) -> anyhow::Result
         .map(|l| l + "\n")
         .collect();
     let config = serde_json::json!({
-        "model_max_length": 77,
+        "model_max_length": max_length,
         "bos_token": BOS,
         "eos_token": EOS,
         "unk_token": EOS,
@@ -134,7 +140,7 @@ mod tests {
     #[test]
     fn every_world_word_is_one_token_and_other_text_still_tokenizes() {
         let dir = std::env::temp_dir().join(format!("demo-tokenizer-{}", std::process::id()));
-        write_tokenizer(&dir, 2000, 0).unwrap();
+        write_tokenizer(&dir, 2000, 0, 24).unwrap();
         let tok = ClipTokenizer::from_dir(&dir).unwrap();
         let words = Object::ALL
             .iter()

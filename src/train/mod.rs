@@ -3,5 +3,6 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod init;
+pub mod run;
 
 pub use adamw::{AdamW, AdamWConfig, StepOutcome};

@@ -1,0 +1,389 @@
+//! `demo-world train`: builds the whole demo model from scratch into a diffusers pipeline
+//! folder. Stages run in order — tokenizer, CLIP, VAE, latents, UNet — and each is skipped when
+//! its output exists, so a rerun after an interruption resumes where it stopped (mid-stage from
+//! the stage's checkpoint under `checkpoints/`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde::Serialize;
+
+use super::architecture;
+use super::clip_training::{self, ClipTraining, IMAGE_MEAN, IMAGE_STD};
+use super::unet_training::{self, LatentDataset, UNetTraining};
+use super::vae_training::{self, VaePhase, VaeTraining};
+use super::vocab;
+use crate::engine::ddim::SchedulerConfig;
+use crate::engine::model::ModelSource;
+use crate::engine::tokenizer::ClipTokenizer;
+use crate::train::run::print_every;
+
+/// Everything that decides the trained model.
+#[derive(Debug, Clone, Copy)]
+pub struct Recipe {
+    /// Captions the tokenizer's merges are learned from.
+    pub vocab_captions: usize,
+    pub clip: ClipTraining,
+    pub vae: VaeTraining,
+    /// Fine-tuning of the VAE decoder alone, after the UNet (whose latents it leaves unchanged).
+    pub vae_decoder: VaeTraining,
+    /// Scenes encoded once for UNet training, and the seed they are drawn from.
+    pub dataset: usize,
+    pub dataset_seed: u64,
+    pub unet: UNetTraining,
+    /// Print a progress line every this many steps.
+    pub report_every: usize,
+    /// Held-out scenes for each stage's figures (CLIP zero-shot accuracy, VAE PSNR).
+    pub evaluation_images: usize,
+}
+
+impl Recipe {
+    /// The recipe of the shipped demo model.
+    pub fn standard(seed: u64) -> Self {
+        Self {
+            vocab_captions: 5000,
+            clip: ClipTraining {
+                steps: 1000,
+                batch: 96,
+                lr: 2e-3,
+                seed,
+            },
+            vae: VaeTraining {
+                steps: 1000,
+                batch: 8,
+                crop: 32,
+                lr: 1e-3,
+                seed: seed + 1,
+            },
+            vae_decoder: VaeTraining {
+                steps: 800,
+                batch: 8,
+                crop: 32,
+                lr: 5e-4,
+                seed: seed + 4,
+            },
+            dataset: 8000,
+            dataset_seed: seed + 3,
+            unet: UNetTraining {
+                steps: 1800,
+                batch: 16,
+                lr: 6e-4,
+                caption_dropout: 0.1,
+                seed: seed + 2,
+            },
+            report_every: 50,
+            evaluation_images: 512,
+        }
+    }
+
+    /// A recipe of a few steps per stage, for tests of the machinery.
+    pub fn micro(seed: u64) -> Self {
+        let mut r = Self::standard(seed);
+        r.vocab_captions = 500;
+        r.clip.steps = 3;
+        r.clip.batch = 8;
+        r.vae.steps = 3;
+        r.vae.batch = 2;
+        r.vae_decoder.steps = 3;
+        r.vae_decoder.batch = 2;
+        r.dataset = 16;
+        r.evaluation_images = 8;
+        r.unet.steps = 3;
+        r.unet.batch = 4;
+        r.report_every = 1;
+        r
+    }
+}
+
+/// Time and result of each stage, written to `training_log.json`.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct TrainingLog {
+    pub stages: BTreeMap<String, StageLog>,
+}
+
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct StageLog {
+    pub seconds: f64,
+    pub final_loss: Option<f64>,
+    pub figures: BTreeMap<String, f64>,
+}
+
+impl TrainingLog {
+    /// Adds a finished stage and rewrites the log, atomically.
+    fn record(&mut self, path: &Path, name: &str, stage: StageLog) -> anyhow::Result<()> {
+        self.stages.insert(name.to_string(), stage);
+        crate::fs::write_atomic(path, serde_json::to_string_pretty(self)?.as_bytes())
+    }
+}
+
+const LOG_FILE: &str = "training_log.json";
+
+/// Runs every stage of `recipe` that has no output in `out` yet.
+pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<TrainingLog> {
+    let work = out.join("checkpoints");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let log_path = out.join(LOG_FILE);
+    let mut log: TrainingLog = if log_path.exists() {
+        crate::engine::config::read_json(&log_path)?
+    } else {
+        TrainingLog::default()
+    };
+    write_json(&out.join("model_index.json"), &architecture::model_index())?;
+    write_json(
+        &out.join("scheduler/scheduler_config.json"),
+        &architecture::scheduler(),
+    )?;
+
+    let tokenizer_dir = out.join("tokenizer");
+    if !tokenizer_dir.join("merges.txt").exists() {
+        eprintln!(
+            "tokenizer: learning merges from {} captions",
+            recipe.vocab_captions
+        );
+        vocab::write_tokenizer(
+            &tokenizer_dir,
+            recipe.vocab_captions,
+            recipe.clip.seed,
+            architecture::TOKEN_LENGTH,
+        )?;
+    }
+    let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+    let vocab_size = tokenizer.eos_id() as usize + 1;
+
+    // A stage is done when the log records it: the log is written after the stage's files.
+    if !log.stages.contains_key("clip") {
+        let started = Instant::now();
+        let config = architecture::parsed_clip(vocab_size)?;
+        let (model, vars, losses) = clip_training::train(
+            &config,
+            &tokenizer,
+            &recipe.clip,
+            Some(&work.join("clip.safetensors")),
+            device,
+            print_every(recipe.report_every),
+        )?;
+        let accuracy = clip_training::zero_shot_accuracy(
+            &model,
+            &tokenizer,
+            recipe.evaluation_images,
+            99,
+            device,
+        )?;
+        eprintln!("clip: zero-shot accuracy {}", format_accuracy(&accuracy));
+        write_json(
+            &out.join("text_encoder/config.json"),
+            &architecture::text_config(vocab_size),
+        )?;
+        save_vars(
+            &vars,
+            "text_model.",
+            &out.join("text_encoder/model.safetensors"),
+        )?;
+        write_json(
+            &out.join("clip/config.json"),
+            &architecture::clip_config(vocab_size),
+        )?;
+        write_json(
+            &out.join("clip/preprocessor_config.json"),
+            &serde_json::json!({
+                "image_processor_type": "CLIPImageProcessor",
+                "size": {"shortest_edge": 64},
+                "crop_size": {"height": 64, "width": 64},
+                "do_normalize": true,
+                "image_mean": [IMAGE_MEAN, IMAGE_MEAN, IMAGE_MEAN],
+                "image_std": [IMAGE_STD, IMAGE_STD, IMAGE_STD],
+            }),
+        )?;
+        save_vars(&vars, "", &out.join("clip/model.safetensors"))?;
+        log.record(
+            &log_path,
+            "clip",
+            StageLog {
+                seconds: started.elapsed().as_secs_f64(),
+                final_loss: tail_mean(&losses),
+                figures: accuracy_figures("zero_shot", &accuracy),
+            },
+        )?;
+    }
+
+    let vae_weights = out.join("vae/diffusion_pytorch_model.safetensors");
+    if !log.stages.contains_key("vae") {
+        let started = Instant::now();
+        let (vae, vars, losses) = vae_training::train(
+            &architecture::parsed_vae(1.0)?,
+            &VaePhase::Full,
+            &recipe.vae,
+            Some(&work.join("vae.safetensors")),
+            device,
+            print_every(recipe.report_every),
+        )?;
+        // Stable Diffusion's convention: latents × scaling_factor have unit variance.
+        let sample = LatentDataset::encode(
+            &vae,
+            recipe.evaluation_images,
+            recipe.vae.seed + 100,
+            device,
+        )?;
+        let scaling_factor = 1.0
+            / sample
+                .latents
+                .flatten_all()?
+                .var(0)?
+                .sqrt()?
+                .to_scalar::<f32>()? as f64;
+        let psnr = vae_training::reconstruction_psnr(&vae, recipe.evaluation_images, 98, device)?;
+        eprintln!("vae: reconstruction PSNR {psnr:.1} dB, scaling factor {scaling_factor:.4}");
+        write_json(
+            &out.join("vae/config.json"),
+            &architecture::vae_config(scaling_factor),
+        )?;
+        save_vars(&vars, "", &vae_weights)?;
+        log.record(
+            &log_path,
+            "vae",
+            StageLog {
+                seconds: started.elapsed().as_secs_f64(),
+                final_loss: tail_mean(&losses),
+                figures: BTreeMap::from([
+                    ("psnr_db".to_string(), psnr),
+                    ("scaling_factor".to_string(), scaling_factor),
+                ]),
+            },
+        )?;
+    }
+
+    let latents_path = work.join("latents.safetensors");
+    if !log.stages.contains_key("latents") {
+        let started = Instant::now();
+        eprintln!("latents: encoding {} scenes", recipe.dataset);
+        let vae = ModelSource::folder(out)?.vae(device, DType::F32)?;
+        LatentDataset::encode(&vae, recipe.dataset, recipe.dataset_seed, device)?
+            .save(&latents_path, recipe.dataset_seed)?;
+        log.record(
+            &log_path,
+            "latents",
+            StageLog {
+                seconds: started.elapsed().as_secs_f64(),
+                ..Default::default()
+            },
+        )?;
+    }
+
+    if !log.stages.contains_key("unet") {
+        let started = Instant::now();
+        let source = ModelSource::folder(out)?;
+        let data = LatentDataset::load(&latents_path, recipe.dataset_seed, device)?;
+        let text_encoder = source.text_encoder(device, DType::F32)?;
+        let scheduler: SchedulerConfig = serde_json::from_value(architecture::scheduler())?;
+        let (_, vars, losses) = unet_training::train(
+            &architecture::parsed_unet()?,
+            &text_encoder,
+            &tokenizer,
+            &scheduler,
+            &data,
+            &recipe.unet,
+            Some(&work.join("unet.safetensors")),
+            device,
+            print_every(recipe.report_every),
+        )?;
+        write_json(&out.join("unet/config.json"), &architecture::unet_config())?;
+        save_vars(
+            &vars,
+            "",
+            &out.join("unet/diffusion_pytorch_model.safetensors"),
+        )?;
+        log.record(
+            &log_path,
+            "unet",
+            StageLog {
+                seconds: started.elapsed().as_secs_f64(),
+                final_loss: tail_mean(&losses),
+                figures: BTreeMap::new(),
+            },
+        )?;
+    }
+
+    if !log.stages.contains_key("vae_decoder") {
+        let started = Instant::now();
+        let source = ModelSource::folder(out)?;
+        let config = source.vae(device, DType::F32)?.config().clone();
+        let (vae, vars, losses) = vae_training::train(
+            &config,
+            &VaePhase::DecoderOnly {
+                weights: &vae_weights,
+            },
+            &recipe.vae_decoder,
+            Some(&work.join("vae_decoder.safetensors")),
+            device,
+            print_every(recipe.report_every),
+        )?;
+        let psnr = vae_training::reconstruction_psnr(&vae, recipe.evaluation_images, 98, device)?;
+        eprintln!("vae decoder: reconstruction PSNR {psnr:.1} dB");
+        save_vars(&vars, "", &vae_weights)?;
+        log.record(
+            &log_path,
+            "vae_decoder",
+            StageLog {
+                seconds: started.elapsed().as_secs_f64(),
+                final_loss: tail_mean(&losses),
+                figures: BTreeMap::from([("psnr_db".to_string(), psnr)]),
+            },
+        )?;
+    }
+    Ok(log)
+}
+
+/// "object 98.0 %, colour …" for a [object, colour, fill, background] accuracy.
+pub fn format_accuracy(acc: &[f64; 4]) -> String {
+    ATTRIBUTES
+        .iter()
+        .zip(acc)
+        .map(|(name, a)| format!("{name} {:.1} %", 100.0 * a))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+const ATTRIBUTES: [&str; 4] = ["object", "colour", "fill", "background"];
+
+fn accuracy_figures(prefix: &str, acc: &[f64; 4]) -> BTreeMap<String, f64> {
+    ATTRIBUTES
+        .iter()
+        .zip(acc)
+        .map(|(name, a)| (format!("{prefix}_{name}"), *a))
+        .collect()
+}
+
+/// Mean of the last (up to) 50 losses; None when the stage was resumed after its last step.
+fn tail_mean(losses: &[f64]) -> Option<f64> {
+    let tail = &losses[losses.len().saturating_sub(50)..];
+    (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::fs::write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
+}
+
+/// Writes the variables whose names start with `prefix` (all when empty), atomically.
+fn save_vars(vars: &VarMap, prefix: &str, path: &Path) -> anyhow::Result<()> {
+    let tensors: BTreeMap<String, Tensor> = vars
+        .data()
+        .lock()
+        .expect("var map lock")
+        .iter()
+        .filter(|(name, _)| name.starts_with(prefix))
+        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
+        .collect();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::fs::atomically(path, |tmp| {
+        Ok(safetensors::serialize_to_file(&tensors, None, tmp)?)
+    })
+}

@@ -1,0 +1,166 @@
+//! The loop every trainer shares: learning-rate schedule, optimiser step, progress, and periodic
+//! checkpoints that a rerun resumes from.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{AdamW, StepOutcome, checkpoint};
+
+/// Linear warm-up to `peak_lr`, then cosine decay to a tenth of it at `steps`.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub steps: usize,
+    pub peak_lr: f64,
+    pub warmup: usize,
+}
+
+impl Schedule {
+    pub fn lr(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.peak_lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let floor = 0.1 * self.peak_lr;
+        floor + (self.peak_lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// One training run: its schedule and where it checkpoints.
+pub struct Run<'a> {
+    /// Shown in progress lines.
+    pub name: &'a str,
+    pub schedule: Schedule,
+    /// Resumed from when present; rewritten every `checkpoint_every` steps and at the end.
+    pub checkpoint: Option<&'a Path>,
+    pub checkpoint_every: usize,
+}
+
+/// Where a run stands, reported after every step.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    pub name: &'a str,
+    pub step: usize,
+    pub steps: usize,
+    pub loss: f64,
+    pub lr: f64,
+    /// Seconds per step so far in this process.
+    pub seconds_per_step: f64,
+}
+
+impl Progress<'_> {
+    /// A one-line summary: step, loss, rate and time left.
+    pub fn line(&self, smoothed_loss: f64) -> String {
+        let left = (self.steps - self.step - 1) as f64 * self.seconds_per_step;
+        format!(
+            "{} step {}/{} loss {:.4} lr {:.2e} {:.2} s/step, {:.0} min left",
+            self.name,
+            self.step + 1,
+            self.steps,
+            smoothed_loss,
+            self.lr,
+            self.seconds_per_step,
+            left / 60.0
+        )
+    }
+}
+
+/// The trainable variables of `vars`, sorted by name so optimiser state lines up across runs.
+pub fn sorted_params(vars: &VarMap) -> Vec<(String, Var)> {
+    let data = vars.data().lock().expect("var map lock");
+    let mut params: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    params
+}
+
+/// The random stream of one step: data drawn from it is the same whether or not the run was
+/// interrupted and resumed.
+pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(step as u64);
+    rng
+}
+
+/// Runs `run`, resuming from its checkpoint when one exists. `loss_at(step)` builds the loss
+/// for a step (its data must depend only on the step, so a resumed run sees what an
+/// uninterrupted one would). Returns the losses of the steps taken in this call.
+pub fn train(
+    run: &Run,
+    opt: &mut AdamW,
+    mut loss_at: impl FnMut(usize) -> anyhow::Result<Tensor>,
+    mut report: impl FnMut(&Progress),
+) -> anyhow::Result<Vec<f64>> {
+    if let Some(path) = run.checkpoint.filter(|p| p.exists()) {
+        checkpoint::load(path, opt)?;
+    }
+    let first = opt.steps() as usize;
+    let metadata = BTreeMap::from([("run".to_string(), run.name.to_string())]);
+    let started = Instant::now();
+    let mut losses = Vec::new();
+    for step in first..run.schedule.steps {
+        let lr = run.schedule.lr(step);
+        opt.set_lr(lr);
+        let loss = loss_at(step)?;
+        let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if opt.step(&loss.backward()?)? == StepOutcome::SkippedNonFinite {
+            eprintln!(
+                "{} step {step}: non-finite gradient, update skipped",
+                run.name
+            );
+        }
+        losses.push(value);
+        let done = step + 1;
+        if let Some(path) = run.checkpoint
+            && (done % run.checkpoint_every.max(1) == 0 || done == run.schedule.steps)
+        {
+            checkpoint::save(path, opt, &metadata)?;
+        }
+        report(&Progress {
+            name: run.name,
+            step,
+            steps: run.schedule.steps,
+            loss: value,
+            lr,
+            seconds_per_step: started.elapsed().as_secs_f64() / (done - first) as f64,
+        });
+    }
+    Ok(losses)
+}
+
+/// A progress reporter that prints a line every `every` steps, with the loss averaged over them.
+pub fn print_every(every: usize) -> impl FnMut(&Progress) {
+    let mut window = Vec::new();
+    move |p: &Progress| {
+        window.push(p.loss);
+        if window.len() >= every || p.step + 1 == p.steps {
+            let mean = window.iter().sum::<f64>() / window.len() as f64;
+            eprintln!("{}", p.line(mean));
+            window.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_a_tenth() {
+        let s = Schedule {
+            steps: 100,
+            peak_lr: 1.0,
+            warmup: 10,
+        };
+        assert!((s.lr(0) - 0.1).abs() < 1e-12);
+        assert!((s.lr(9) - 1.0).abs() < 1e-12);
+        assert!((s.lr(10) - 1.0).abs() < 1e-12);
+        assert!((s.lr(100) - 0.1).abs() < 1e-12);
+        assert!(s.lr(50) < s.lr(30) && s.lr(50) > 0.1);
+    }
+}
