@@ -130,7 +130,7 @@ fn micro_recipe_writes_a_loadable_model_and_resumes() {
     let log = recipe::build(&Recipe::micro(0), &out, &Device::Cpu).unwrap();
     assert_eq!(
         log.stages.keys().collect::<Vec<_>>(),
-        ["clip", "latents", "unet", "vae", "vae_decoder"]
+        ["clip", "latents", "tokenizer", "unet", "vae", "vae_decoder"]
     );
     // Loaded like any Stable Diffusion folder, it generates.
     let sd = StableDiffusion::load(
@@ -160,5 +160,8 @@ fn micro_recipe_writes_a_loadable_model_and_resumes() {
         written
     );
     assert_eq!(again.stages["unet"].seconds, log.stages["unet"].seconds);
+    // Resuming with another recipe is refused rather than mixing two models.
+    let err = recipe::build(&Recipe::micro(1), &out, &Device::Cpu).unwrap_err();
+    assert!(format!("{err:#}").contains("another recipe"), "{err:#}");
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -34,7 +34,7 @@ pub fn model_index() -> Value {
     })
 }
 
-/// Stable Diffusion's noise schedule.
+/// Stable Diffusion's noise schedule, with v-prediction (see `unet_training` for why).
 pub fn scheduler() -> Value {
     json!({
         "_class_name": "DDIMScheduler",
@@ -45,7 +45,7 @@ pub fn scheduler() -> Value {
         "clip_sample": false,
         "set_alpha_to_one": false,
         "steps_offset": 1,
-        "prediction_type": "epsilon",
+        "prediction_type": "v_prediction",
     })
 }
 

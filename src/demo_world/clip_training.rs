@@ -29,7 +29,7 @@ pub fn pixel_values(images: &Tensor) -> candle_core::Result<Tensor> {
     (images - IMAGE_MEAN)? / IMAGE_STD
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct ClipTraining {
     pub steps: usize,
     pub batch: usize,

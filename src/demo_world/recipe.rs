@@ -23,7 +23,7 @@ use crate::engine::tokenizer::ClipTokenizer;
 use crate::train::run::print_every;
 
 /// Everything that decides the trained model.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct Recipe {
     /// Captions the tokenizer's merges are learned from.
     pub vocab_captions: usize,
@@ -69,9 +69,9 @@ impl Recipe {
             dataset: 8000,
             dataset_seed: seed + 3,
             unet: UNetTraining {
-                steps: 1800,
+                steps: 1500,
                 batch: 16,
-                lr: 6e-4,
+                lr: 8e-4,
                 caption_dropout: 0.1,
                 seed: seed + 2,
             },
@@ -102,6 +102,8 @@ impl Recipe {
 /// Time and result of each stage, written to `training_log.json`.
 #[derive(Debug, Default, Serialize, serde::Deserialize)]
 pub struct TrainingLog {
+    /// The recipe the folder is being built with; a rerun must use the same.
+    pub recipe: Option<serde_json::Value>,
     pub stages: BTreeMap<String, StageLog>,
 }
 
@@ -122,7 +124,7 @@ impl TrainingLog {
 
 const LOG_FILE: &str = "training_log.json";
 
-/// Runs every stage of `recipe` that has no output in `out` yet.
+/// Runs every stage of `recipe` that the log in `out` does not record as done.
 pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<TrainingLog> {
     let work = out.join("checkpoints");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
@@ -132,14 +134,29 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
     } else {
         TrainingLog::default()
     };
+    let wanted = serde_json::to_value(recipe)?;
+    match &log.recipe {
+        Some(started) if *started != wanted => anyhow::bail!(
+            "{} was started with another recipe (seed or settings differ); \
+             resume it with the same options, or build into a new folder",
+            out.display()
+        ),
+        Some(_) => {}
+        None => {
+            log.recipe = Some(wanted);
+            crate::fs::write_atomic(&log_path, serde_json::to_string_pretty(&log)?.as_bytes())?;
+        }
+    }
     write_json(&out.join("model_index.json"), &architecture::model_index())?;
     write_json(
         &out.join("scheduler/scheduler_config.json"),
         &architecture::scheduler(),
     )?;
 
+    // A stage is done when the log records it: the log is written after the stage's files.
     let tokenizer_dir = out.join("tokenizer");
-    if !tokenizer_dir.join("merges.txt").exists() {
+    if !log.stages.contains_key("tokenizer") {
+        let started = Instant::now();
         eprintln!(
             "tokenizer: learning merges from {} captions",
             recipe.vocab_captions
@@ -150,11 +167,18 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             recipe.clip.seed,
             architecture::TOKEN_LENGTH,
         )?;
+        log.record(
+            &log_path,
+            "tokenizer",
+            StageLog {
+                seconds: started.elapsed().as_secs_f64(),
+                ..Default::default()
+            },
+        )?;
     }
     let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
     let vocab_size = tokenizer.eos_id() as usize + 1;
 
-    // A stage is done when the log records it: the log is written after the stage's files.
     if !log.stages.contains_key("clip") {
         let started = Instant::now();
         let config = architecture::parsed_clip(vocab_size)?;

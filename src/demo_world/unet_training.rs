@@ -1,6 +1,11 @@
-//! Training of the demo UNet: the standard ε-prediction diffusion loss on VAE latents of world
-//! scenes, conditioned on the frozen text encoder, with caption dropout so classifier-free
-//! guidance works, and min-SNR loss weighting, which speeds convergence.
+//! Training of the demo UNet: the standard diffusion loss on VAE latents of world scenes,
+//! conditioned on the frozen text encoder, with caption dropout so classifier-free guidance
+//! works, and min-SNR loss weighting, which speeds convergence.
+//!
+//! The demo model predicts v (as Stable Diffusion 2 does), not ε: with ε the loss barely depends
+//! on the clean image at high noise (its weight there is √SNR ≈ 0.07), so a short training never
+//! learns what the prompt says about the whole frame — a first demo model drew every background
+//! from the initial noise, whatever the prompt. v puts the clean image in the target there.
 
 use std::path::Path;
 
@@ -13,7 +18,7 @@ use super::captions::Caption;
 use super::scene::{Scene, render_batch};
 use super::vae_training::to_vae_range;
 use crate::engine::clip_text::{ClipTextModel, ids_tensor};
-use crate::engine::ddim::SchedulerConfig;
+use crate::engine::ddim::{PredictionType, SchedulerConfig};
 use crate::engine::noise::NoiseStream;
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::engine::unet::{UNet, UNetConfig};
@@ -25,7 +30,22 @@ use crate::train::{AdamW, AdamWConfig};
 /// Min-SNR-γ weighting (Hang et al. 2023): high-SNR timesteps stop dominating the loss.
 const MIN_SNR_GAMMA: f64 = 5.0;
 
-#[derive(Debug, Clone, Copy)]
+/// The regression target for a prediction type and its min-SNR-γ weight at ᾱ: (coefficient of
+/// the clean latents, coefficient of the noise, weight).
+fn target(prediction: PredictionType, alpha_bar: f64) -> anyhow::Result<(f64, f64, f64)> {
+    let snr = alpha_bar / (1.0 - alpha_bar);
+    Ok(match prediction {
+        PredictionType::Epsilon => (0.0, 1.0, MIN_SNR_GAMMA.min(snr) / snr),
+        PredictionType::VPrediction => (
+            -(1.0 - alpha_bar).sqrt(),
+            alpha_bar.sqrt(),
+            MIN_SNR_GAMMA.min(snr) / (snr + 1.0),
+        ),
+        PredictionType::Sample => anyhow::bail!("the demo trainer predicts ε or v, not samples"),
+    })
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct UNetTraining {
     pub steps: usize,
     pub batch: usize,
@@ -127,6 +147,10 @@ pub fn train(
         checkpoint_every: 100,
     };
     let alphas_cumprod = scheduler.alphas_cumprod();
+    let targets = alphas_cumprod
+        .iter()
+        .map(|&a| target(scheduler.prediction_type, a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let item_shape = data.latents.dims()[1..].to_vec();
     let losses = run::train(
         &run,
@@ -158,24 +182,23 @@ pub fn train(
             let mut shape = vec![settings.batch];
             shape.extend(&item_shape);
             let noise = NoiseStream::new(rng.random()).tensor(shape, device)?;
-            let column = |f: &dyn Fn(f64) -> f64| {
-                let v: Vec<f32> = timesteps
-                    .iter()
-                    .map(|&t| f(alphas_cumprod[t as usize]) as f32)
-                    .collect();
+            let column = |f: &dyn Fn(usize) -> f64| {
+                let v: Vec<f32> = timesteps.iter().map(|&t| f(t as usize) as f32).collect();
                 Tensor::from_vec(v, (settings.batch, 1, 1, 1), device)
             };
-            let noisy = (x0.broadcast_mul(&column(&f64::sqrt)?)?
-                + noise.broadcast_mul(&column(&|a| (1.0 - a).sqrt())?)?)?;
-            let snr_weight = column(&|a| (MIN_SNR_GAMMA / (a / (1.0 - a))).min(1.0))?;
+            let noisy = (x0.broadcast_mul(&column(&|t| alphas_cumprod[t].sqrt())?)?
+                + noise.broadcast_mul(&column(&|t| (1.0 - alphas_cumprod[t]).sqrt())?)?)?;
+            let goal = (x0.broadcast_mul(&column(&|t| targets[t].0)?)?
+                + noise.broadcast_mul(&column(&|t| targets[t].1)?)?)?;
+            let weight = column(&|t| targets[t].2)?;
             let t = Tensor::new(timesteps.as_slice(), device)?;
             let pred = unet.forward(&noisy, &t, &context, None)?;
-            let per_item = (pred - noise)?
+            let per_item = (pred - goal)?
                 .sqr()?
                 .mean_keepdim(3)?
                 .mean_keepdim(2)?
                 .mean_keepdim(1)?;
-            Ok(per_item.broadcast_mul(&snr_weight)?.mean_all()?)
+            Ok(per_item.broadcast_mul(&weight)?.mean_all()?)
         },
         report,
     )?;

@@ -17,7 +17,7 @@ use crate::train::{AdamW, AdamWConfig};
 
 const KL_WEIGHT: f64 = 1e-6;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct VaeTraining {
     pub steps: usize,
     pub batch: usize,
