@@ -257,3 +257,28 @@ fn legacy_checkpoint_names_load() {
     source.text_encoder(&Device::Cpu, DType::F32).unwrap();
     source.vae(&Device::Cpu, DType::F32).unwrap();
 }
+
+#[test]
+fn generate_without_a_model_uses_the_demo_model_folder() {
+    let out = temp_dir("demo-default").join("x.png");
+    let generate = |demo_dir: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))
+            .args(["generate", "--prompt", "a red star", "--steps", "2"])
+            .arg("--out")
+            .arg(&out)
+            .env("ERASURE_STUDIO_DEMO_MODEL", demo_dir)
+            .output()
+            .unwrap()
+    };
+    assert!(generate(&fixtures().join("tiny-sd1")).status.success());
+    assert!(out.is_file());
+    // A folder that is not a model is named in the error, with the variable that chose it.
+    let empty = temp_dir("demo-empty");
+    let failed = generate(&empty);
+    assert!(!failed.status.success());
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        err.contains("ERASURE_STUDIO_DEMO_MODEL") && err.contains("not a model folder"),
+        "{err}"
+    );
+}
