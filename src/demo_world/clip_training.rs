@@ -61,11 +61,7 @@ pub fn train(
     )?;
     let run = Run {
         name: "clip",
-        schedule: Schedule {
-            steps: settings.steps,
-            peak_lr: settings.lr,
-            warmup: (settings.steps / 20).max(1),
-        },
+        schedule: Schedule::warmup_cosine(settings.steps, settings.lr),
         checkpoint,
         checkpoint_every: 200,
     };

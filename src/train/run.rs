@@ -21,6 +21,15 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The trainers' schedule: warm-up over the first 5 % of `steps`.
+    pub fn warmup_cosine(steps: usize, peak_lr: f64) -> Self {
+        Self {
+            steps,
+            peak_lr,
+            warmup: (steps / 20).max(1),
+        }
+    }
+
     pub fn lr(&self, step: usize) -> f64 {
         if step < self.warmup {
             return self.peak_lr * (step + 1) as f64 / self.warmup as f64;
