@@ -6,13 +6,14 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder, VarMap};
+use candle_nn::{Linear, VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::scene::{Background, Colour, Fill, Object, Scene, render_batch};
-use crate::engine::nn::{conv2d, group_norm, linear};
+use crate::engine::conv::Conv2d;
+use crate::engine::nn::{GroupNorm, conv2d, group_norm, linear};
 use crate::train::init::seeded_var_builder;
 use crate::train::run::sorted_params;
 use crate::train::{AdamW, AdamWConfig, StepOutcome};

@@ -1,10 +1,11 @@
 //! CLIP image tower (transformers' `CLIPVisionModel`): a ViT over square patches.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::clip_encoder::{Activation, ClipEncoder, EncoderShape};
+use super::conv::Conv2d;
 use super::nn::LayerNorm;
 
 /// transformers' `CLIPVisionConfig`, with its defaults.
@@ -82,18 +83,14 @@ impl ClipVisionModel {
             mean: 0.0,
             stdev: 0.02,
         };
-        let conv_cfg = Conv2dConfig {
-            stride: config.patch_size,
-            ..Default::default()
-        };
         Ok(Self {
             class_embedding: emb.get_with_hints(d, "class_embedding", small)?,
-            patch_embedding: candle_nn::conv2d_no_bias(
-                config.num_channels,
-                d,
-                config.patch_size,
-                conv_cfg,
+            patch_embedding: Conv2d::load(
                 emb.pp("patch_embedding"),
+                (config.num_channels, d, config.patch_size),
+                config.patch_size,
+                0,
+                false,
             )?,
             position_embedding: emb.pp("position_embedding").get_with_hints(
                 (config.patches() + 1, d),

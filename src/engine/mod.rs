@@ -1,13 +1,16 @@
 //! Stable Diffusion in candle: tokenizer, CLIP text encoder, UNet, VAE, DDIM and pipelines.
 //!
 //! Every op on a gradient path has a backward in candle (see `nn` for the replacements of
-//! candle's fused ops that silently drop gradients).
+//! candle's fused ops that silently drop gradients, and `conv` and `channel`
+//! for ops whose candle backward is too slow to train with).
 
+pub mod channel;
 pub mod clip_encoder;
 pub mod clip_model;
 pub mod clip_text;
 pub mod clip_vision;
 pub mod config;
+pub mod conv;
 pub mod ddim;
 pub mod model;
 pub mod nn;

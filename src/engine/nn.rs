@@ -3,9 +3,13 @@
 //! candle's fused `layer_norm` and `softmax_last_dim` have no backward (gradients silently vanish),
 //! so layer norm and softmax are written here from basic ops that do. The fused kernels are used
 //! only where candle records no graph (`track_op` is false), i.e. where no gradient can flow.
+//! Norm affines go through `channel::scale_shift`, whose backward is fast.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+use super::channel::scale_shift;
+use super::conv::Conv2d;
 
 /// Layer norm over the last dimension, built from differentiable ops.
 #[derive(Debug, Clone)]
@@ -37,10 +41,35 @@ impl Module for LayerNorm {
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        let last = normed.rank() - 1;
+        scale_shift(&normed.to_dtype(dtype)?, &self.weight, &self.bias, last)
+    }
+}
+
+/// Group norm over `(B, C, …)` activations, as PyTorch's `GroupNorm` (affine).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 3 {
+            candle_core::bail!("group norm takes (batch, channels, …) activations, got {dims:?}");
+        }
+        let dtype = x.dtype();
+        let grouped = x
+            .reshape((dims[0], self.groups, ()))?
+            .to_dtype(compute_dtype(dtype))?;
+        let centered = grouped.broadcast_sub(&grouped.mean_keepdim(D::Minus1)?)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let normed = normed.reshape(dims)?.to_dtype(dtype)?;
+        scale_shift(&normed, &self.weight, &self.bias, 1)
     }
 }
 
@@ -64,12 +93,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_ch, out_ch, kernel, cfg, vb)
+    Conv2d::load(vb, (in_ch, out_ch, kernel), stride, padding, true)
 }
 
 pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
@@ -79,7 +103,12 @@ pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> R
             vb.prefix()
         );
     }
-    candle_nn::group_norm(groups, channels, eps, vb)
+    Ok(GroupNorm {
+        weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
+        bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
+        groups,
+        eps,
+    })
 }
 
 /// Softmax over the last dimension: differentiable when a graph is recorded, fused otherwise.

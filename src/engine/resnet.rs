@@ -1,9 +1,10 @@
 //! diffusers' `ResnetBlock2D`, with or without a time embedding (UNet and VAE share it).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-use super::nn::{conv2d, group_norm, linear};
+use super::conv::Conv2d;
+use super::nn::{GroupNorm, conv2d, group_norm, linear};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ResnetConfig {

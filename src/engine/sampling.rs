@@ -1,8 +1,9 @@
 //! Down- and up-sampling layers (`Downsample2D`, `Upsample2D`) shared by UNet and VAE.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
+use super::conv::Conv2d;
 use super::nn::conv2d;
 
 /// Stride-2 3×3 convolution. `padding` zeros go on every side; with `padding == 0` one zero row

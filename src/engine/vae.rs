@@ -4,11 +4,12 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::config::{read_json, require_default, require_silu};
-use super::nn::{attention, conv2d, group_norm, linear};
+use super::conv::Conv2d;
+use super::nn::{GroupNorm, attention, conv2d, group_norm, linear};
 use super::resnet::{ResnetBlock, ResnetConfig};
 use super::sampling::{Downsample, Upsample};
 

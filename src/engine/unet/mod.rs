@@ -6,13 +6,14 @@ pub mod config;
 pub mod transformer;
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use blocks::{DownBlock, MidBlock, UpBlock};
 pub use config::UNetConfig;
 pub use transformer::{CrossAttnHook, CrossAttnLayer};
 
-use super::nn::{conv2d, group_norm, linear};
+use super::conv::Conv2d;
+use super::nn::{GroupNorm, conv2d, group_norm, linear};
 
 pub struct UNet {
     conv_in: Conv2d,

@@ -1,9 +1,10 @@
 //! diffusers' `Transformer2DModel` and `BasicTransformerBlock`, with the cross-attention hook.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-use crate::engine::nn::{LayerNorm, attention, conv2d, group_norm, linear};
+use crate::engine::conv::Conv2d;
+use crate::engine::nn::{GroupNorm, LayerNorm, attention, conv2d, group_norm, linear};
 
 /// One cross-attention (`attn2`) layer as an adapter sees it.
 #[derive(Clone)]

@@ -1,0 +1,549 @@
+//! 2-D convolution: every model's convolutions go through [`Conv2d`].
+//!
+//! On the CPU in f32/f64 the convolution is lowered to im2col + one GEMM per image, forward and
+//! backward, as a custom op. candle's own CPU backward is the training bottleneck: its input
+//! gradient is a direct (non-GEMM) transposed convolution and its weight gradient is a
+//! convolution whose "kernel" is the whole output image, which the tiled im2col handles with
+//! GEMMs nine columns wide. Other devices and dtypes use candle's convolution (cuDNN on CUDA).
+
+use candle_core::{
+    CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, WithDType, bail,
+};
+use candle_nn::{Init, VarBuilder};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::channel::add_bias;
+
+/// A convolution layer (dilation 1, one group), weights `[out, in, kh, kw]`, optional bias.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Weights named `weight` (and `bias`) under `vb`, initialised like PyTorch's `Conv2d`.
+    pub fn load(
+        vb: VarBuilder,
+        (in_ch, out_ch, kernel): (usize, usize, usize),
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let fan_in = (in_ch * kernel * kernel) as f64;
+        let bound = 1.0 / fan_in.sqrt();
+        let uniform = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let weight = vb.get_with_hints((out_ch, in_ch, kernel, kernel), "weight", uniform)?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_ch, "bias", uniform)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if lowers_to_gemm(x.device(), x.dtype()) {
+            let (_, _, h, w) = x.dims4()?;
+            let op = Im2ColConv {
+                stride: self.stride,
+                padding: self.padding,
+                input_hw: (h, w),
+            };
+            x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        match &self.bias {
+            Some(bias) => add_bias(&y, bias, 1),
+            None => Ok(y),
+        }
+    }
+}
+
+fn lowers_to_gemm(device: &Device, dtype: DType) -> bool {
+    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
+}
+
+/// The sizes of one convolution: input `[batch, c_in, h, w]`, kernel `[c_out, c_in, kh, kw]`.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+impl Geometry {
+    fn new(
+        input: (usize, usize, usize, usize),
+        kernel: (usize, usize, usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let (batch, c_in, h, w) = input;
+        let (c_out, k_in, kh, kw) = kernel;
+        if k_in != c_in {
+            bail!("conv2d: kernel expects {k_in} input channels, the input has {c_in}");
+        }
+        if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+            bail!(
+                "conv2d: a {kh}×{kw} kernel (stride {stride}, padding {padding}) does not fit a {h}×{w} input"
+            );
+        }
+        Ok(Self {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh,
+            kw,
+            stride,
+            padding,
+            out_h: (h + 2 * padding - kh) / stride + 1,
+            out_w: (w + 2 * padding - kw) / stride + 1,
+        })
+    }
+
+    /// Rows of the im2col matrix: one per (input channel, kernel row, kernel column).
+    fn patch_len(&self) -> usize {
+        self.c_in * self.kh * self.kw
+    }
+
+    fn out_pixels(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    fn in_len(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    fn out_len(&self) -> usize {
+        self.c_out * self.out_pixels()
+    }
+
+    /// A 1×1, stride-1, unpadded convolution: the image already is its im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// For kernel offset `k` along an axis of `size` inputs: the input index of output `o`, or
+    /// `None` in the padding.
+    fn source(&self, o: usize, k: usize, size: usize) -> Option<usize> {
+        (o * self.stride + k)
+            .checked_sub(self.padding)
+            .filter(|&i| i < size)
+    }
+
+    /// For kernel column `kx`: the outputs of a row that read the input (the rest read
+    /// padding), and the input column of the first of them.
+    fn valid_columns(&self, kx: usize) -> (std::ops::Range<usize>, usize) {
+        let s = self.stride;
+        let first = self.padding.saturating_sub(kx).div_ceil(s);
+        let end = (self.w + self.padding)
+            .checked_sub(kx)
+            .map_or(0, |reach| reach.div_ceil(s))
+            .min(self.out_w);
+        let first = first.min(end);
+        (first..end, (first * s + kx).saturating_sub(self.padding))
+    }
+
+    /// im2col of one image `[c_in, h, w]` into `cols` `[patch_len, out_pixels]`.
+    fn im2col<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
+        let pixels = self.out_pixels();
+        for (row, col_row) in cols.chunks_exact_mut(pixels).enumerate() {
+            let (c, ky, kx) = self.patch_row(row);
+            let channel = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
+            let (valid, ix0) = self.valid_columns(kx);
+            for (oy, out_row) in col_row.chunks_exact_mut(self.out_w).enumerate() {
+                let iy = self.source(oy, ky, self.h).filter(|_| !valid.is_empty());
+                let Some(iy) = iy else {
+                    out_row.fill(T::zero());
+                    continue;
+                };
+                let in_row = &channel[iy * self.w..(iy + 1) * self.w];
+                out_row[..valid.start].fill(T::zero());
+                out_row[valid.end..].fill(T::zero());
+                let dst = &mut out_row[valid.clone()];
+                if self.stride == 1 {
+                    dst.copy_from_slice(&in_row[ix0..ix0 + dst.len()]);
+                } else {
+                    for (d, &v) in dst
+                        .iter_mut()
+                        .zip(in_row[ix0..].iter().step_by(self.stride))
+                    {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`im2col`](Self::im2col): adds `cols` back onto one image's gradient.
+    fn col2im<T: WithDType>(&self, cols: &[T], image: &mut [T]) {
+        let pixels = self.out_pixels();
+        for (row, col_row) in cols.chunks_exact(pixels).enumerate() {
+            let (c, ky, kx) = self.patch_row(row);
+            let channel = &mut image[c * self.h * self.w..(c + 1) * self.h * self.w];
+            let (valid, ix0) = self.valid_columns(kx);
+            for (oy, out_row) in col_row.chunks_exact(self.out_w).enumerate() {
+                let iy = self.source(oy, ky, self.h).filter(|_| !valid.is_empty());
+                let Some(iy) = iy else {
+                    continue;
+                };
+                let in_row = &mut channel[iy * self.w..(iy + 1) * self.w];
+                let targets = in_row[ix0..].iter_mut().step_by(self.stride);
+                for (t, &v) in targets.zip(&out_row[valid.clone()]) {
+                    *t += v;
+                }
+            }
+        }
+    }
+
+    fn patch_row(&self, row: usize) -> (usize, usize, usize) {
+        let taps = self.kh * self.kw;
+        (row / taps, (row % taps) / self.kw, row % self.kw)
+    }
+}
+
+/// A row-major matrix view for [`matmul`]: pointer, row stride, column stride.
+type MatRef<T> = (*const T, usize, usize);
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`; `dst` is row-major and contiguous.
+///
+/// # Safety
+/// The pointers must cover the matrices their strides describe.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    accumulate: bool,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    parallelism: Parallelism,
+) {
+    let one = T::from_f64(1.0);
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            accumulate,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            one,
+            one,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// How to spread a per-image loop over the thread pool: across images when there are enough,
+/// otherwise inside each GEMM.
+fn gemm_parallelism(batch: usize) -> Option<Parallelism> {
+    let threads = rayon::current_num_threads();
+    (batch < threads).then_some(Parallelism::Rayon(threads))
+}
+
+/// Runs `f(image index, output chunk)` over `out` split into `batch` chunks, in parallel across
+/// images when there are at least as many as threads. `f` gets the GEMM parallelism to use.
+fn for_each_image<T: Send>(
+    out: &mut [T],
+    batch: usize,
+    f: impl Fn(usize, &mut [T], Parallelism) + Sync,
+) {
+    let chunk = out.len() / batch.max(1);
+    if chunk == 0 {
+        return;
+    }
+    match gemm_parallelism(batch) {
+        Some(inner) => out
+            .chunks_exact_mut(chunk)
+            .enumerate()
+            .for_each(|(b, o)| f(b, o, inner)),
+        None => out
+            .par_chunks_exact_mut(chunk)
+            .enumerate()
+            .for_each(|(b, o)| f(b, o, Parallelism::None)),
+    }
+}
+
+fn contiguous<'a, T: WithDType>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("conv2d: the {what} must be contiguous"),
+    }
+}
+
+/// Runs `$body` with `$a`, `$b` bound to the two storages' slices when both are f32 or both f64.
+macro_rules! float_pair {
+    ($s1:expr, $s2:expr, |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32($a), CpuStorage::F32($b)) => {
+                let (out, shape) = $body;
+                Ok((CpuStorage::F32(out), shape))
+            }
+            (CpuStorage::F64($a), CpuStorage::F64($b)) => {
+                let (out, shape) = $body;
+                Ok((CpuStorage::F64(out), shape))
+            }
+            _ => bail!("conv2d on the CPU takes two f32 or two f64 tensors"),
+        }
+    };
+}
+
+/// The convolution itself: `(input, kernel) → output`.
+struct Im2ColConv {
+    stride: usize,
+    padding: usize,
+    /// Kept for the backward pass: with stride > 1 the output does not determine it.
+    input_hw: (usize, usize),
+}
+
+impl CustomOp2 for Im2ColConv {
+    fn name(&self) -> &'static str {
+        "im2col-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(
+            l1.shape().dims4()?,
+            l2.shape().dims4()?,
+            self.stride,
+            self.padding,
+        )?;
+        float_pair!(s1, s2, |x, k| conv_forward(
+            &g,
+            contiguous(x, l1, "input")?,
+            contiguous(k, l2, "kernel")?
+        )?)
+    }
+
+    fn bwd(
+        &self,
+        input: &Tensor,
+        kernel: &Tensor,
+        _output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let input_grad = grad.apply_op2_no_bwd(kernel, &InputGrad { conv: self })?;
+        let kernel_grad = input.apply_op2_no_bwd(
+            &grad,
+            &KernelGrad {
+                conv: self,
+                kernel_hw: (kernel.dim(2)?, kernel.dim(3)?),
+            },
+        )?;
+        Ok((Some(input_grad), Some(kernel_grad)))
+    }
+}
+
+fn conv_forward<T: WithDType>(g: &Geometry, x: &[T], k: &[T]) -> Result<(Vec<T>, Shape)> {
+    let mut out = vec![T::zero(); g.batch * g.out_len()];
+    let (patch, pixels) = (g.patch_len(), g.out_pixels());
+    for_each_image(&mut out, g.batch, |b, out_b, par| {
+        let image = &x[b * g.in_len()..(b + 1) * g.in_len()];
+        let mut scratch = Vec::new();
+        let cols = if g.is_pointwise() {
+            image
+        } else {
+            scratch.resize(patch * pixels, T::zero());
+            g.im2col(image, &mut scratch);
+            &scratch
+        };
+        // out_b[c_out × pixels] = kernel[c_out × patch] · cols[patch × pixels]
+        unsafe {
+            matmul(
+                (g.c_out, pixels, patch),
+                out_b.as_mut_ptr(),
+                false,
+                (k.as_ptr(), patch, 1),
+                (cols.as_ptr(), pixels, 1),
+                par,
+            )
+        }
+    });
+    Ok((out, Shape::from((g.batch, g.c_out, g.out_h, g.out_w))))
+}
+
+/// `(output gradient, kernel) → input gradient`.
+struct InputGrad<'a> {
+    conv: &'a Im2ColConv,
+}
+
+impl CustomOp2 for InputGrad<'_> {
+    fn name(&self) -> &'static str {
+        "im2col-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, _, _, _) = l1.shape().dims4()?;
+        let kernel = l2.shape().dims4()?;
+        let (h, w) = self.conv.input_hw;
+        let g = Geometry::new(
+            (batch, kernel.1, h, w),
+            kernel,
+            self.conv.stride,
+            self.conv.padding,
+        )?;
+        float_pair!(s1, s2, |dy, k| input_grad(
+            &g,
+            contiguous(dy, l1, "gradient")?,
+            contiguous(k, l2, "kernel")?
+        )?)
+    }
+}
+
+fn input_grad<T: WithDType>(g: &Geometry, dy: &[T], k: &[T]) -> Result<(Vec<T>, Shape)> {
+    let mut dx = vec![T::zero(); g.batch * g.in_len()];
+    let (patch, pixels) = (g.patch_len(), g.out_pixels());
+    for_each_image(&mut dx, g.batch, |b, dx_b, par| {
+        let dy_b = &dy[b * g.out_len()..(b + 1) * g.out_len()];
+        let mut scratch = Vec::new();
+        let dcols = if g.is_pointwise() {
+            dx_b.as_mut_ptr()
+        } else {
+            scratch.resize(patch * pixels, T::zero());
+            scratch.as_mut_ptr()
+        };
+        // dcols[patch × pixels] = kernelᵀ[patch × c_out] · dy[c_out × pixels]
+        unsafe {
+            matmul(
+                (patch, pixels, g.c_out),
+                dcols,
+                false,
+                (k.as_ptr(), 1, patch),
+                (dy_b.as_ptr(), pixels, 1),
+                par,
+            )
+        }
+        if !g.is_pointwise() {
+            g.col2im(&scratch, dx_b);
+        }
+    });
+    Ok((dx, Shape::from((g.batch, g.c_in, g.h, g.w))))
+}
+
+/// `(input, output gradient) → kernel gradient`.
+struct KernelGrad<'a> {
+    conv: &'a Im2ColConv,
+    kernel_hw: (usize, usize),
+}
+
+impl CustomOp2 for KernelGrad<'_> {
+    fn name(&self) -> &'static str {
+        "im2col-conv2d-kernel-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let input = l1.shape().dims4()?;
+        let (_, c_out, _, _) = l2.shape().dims4()?;
+        let (kh, kw) = self.kernel_hw;
+        let g = Geometry::new(
+            input,
+            (c_out, input.1, kh, kw),
+            self.conv.stride,
+            self.conv.padding,
+        )?;
+        float_pair!(s1, s2, |x, dy| kernel_grad(
+            &g,
+            contiguous(x, l1, "input")?,
+            contiguous(dy, l2, "gradient")?
+        )?)
+    }
+}
+
+fn kernel_grad<T: WithDType>(g: &Geometry, x: &[T], dy: &[T]) -> Result<(Vec<T>, Shape)> {
+    let (patch, pixels) = (g.patch_len(), g.out_pixels());
+    let kernel_len = g.c_out * patch;
+    // One partial sum per thread (or one in all, threading inside the GEMM), added at the end.
+    let parts = match gemm_parallelism(g.batch) {
+        Some(_) => 1,
+        None => rayon::current_num_threads().min(g.batch),
+    };
+    let mut partial = vec![T::zero(); parts * kernel_len];
+    let images_per_part = g.batch.div_ceil(parts);
+    for_each_image(&mut partial, parts, |part, acc, par| {
+        let mut scratch = vec![T::zero(); if g.is_pointwise() { 0 } else { patch * pixels }];
+        let first = part * images_per_part;
+        for (i, b) in (first..(first + images_per_part).min(g.batch)).enumerate() {
+            let image = &x[b * g.in_len()..(b + 1) * g.in_len()];
+            let cols = if g.is_pointwise() {
+                image
+            } else {
+                g.im2col(image, &mut scratch);
+                &scratch
+            };
+            let dy_b = &dy[b * g.out_len()..(b + 1) * g.out_len()];
+            // acc[c_out × patch] += dy[c_out × pixels] · colsᵀ[pixels × patch]
+            unsafe {
+                matmul(
+                    (g.c_out, patch, pixels),
+                    acc.as_mut_ptr(),
+                    i > 0,
+                    (dy_b.as_ptr(), pixels, 1),
+                    (cols.as_ptr(), 1, pixels),
+                    par,
+                )
+            }
+        }
+    });
+    let (total, rest) = partial.split_at_mut(kernel_len);
+    for part in rest.chunks_exact(kernel_len) {
+        for (t, &p) in total.iter_mut().zip(part) {
+            *t += p;
+        }
+    }
+    partial.truncate(kernel_len);
+    Ok((partial, Shape::from((g.c_out, g.c_in, g.kh, g.kw))))
+}
