@@ -106,6 +106,7 @@ fn unet_training_lowers_the_diffusion_loss() {
         batch: 8,
         lr: 2e-3,
         caption_dropout: 0.1,
+        ema_decay: 0.9,
         seed: 4,
     };
     let (_, _, losses) = unet_training::train(

@@ -52,6 +52,8 @@ pub struct UNetTraining {
     pub lr: f64,
     /// Fraction of captions replaced by the empty prompt.
     pub caption_dropout: f64,
+    /// The shipped weights are this exponential moving average of the iterates.
+    pub ema_decay: f64,
     pub seed: u64,
 }
 
@@ -133,6 +135,7 @@ pub fn train(
         AdamWConfig {
             lr: settings.lr,
             weight_decay: 0.01,
+            ema_decay: Some(settings.ema_decay),
             ..Default::default()
         },
     )?;
@@ -198,5 +201,6 @@ pub fn train(
         },
         report,
     )?;
+    opt.use_averages()?;
     Ok((unet, vars, losses))
 }

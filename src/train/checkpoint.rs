@@ -1,5 +1,5 @@
-//! Resumable checkpoints: parameters, optimiser moments and step count in one safetensors file,
-//! written atomically so a crash leaves the previous checkpoint intact.
+//! Resumable checkpoints: parameters, optimiser moments, weight averages and step count in one
+//! safetensors file, written atomically so a crash leaves the previous checkpoint intact.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -8,10 +8,12 @@ use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 
 use super::AdamW;
+use super::adamw::SlotState;
 
 const PARAM: &str = "param/";
 const MOMENT1: &str = "adam_m/";
 const MOMENT2: &str = "adam_v/";
+const AVERAGE: &str = "ema/";
 const STEPS_KEY: &str = "adamw_steps";
 
 /// Writes the optimiser's parameters and state, plus `metadata`, to `path`.
@@ -23,9 +25,12 @@ pub fn save(path: &Path, opt: &AdamW, metadata: &BTreeMap<String, String>) -> an
             var.as_tensor().to_device(&Device::Cpu)?,
         );
     }
-    for (name, (m, v)) in opt.state() {
-        tensors.insert(format!("{MOMENT1}{name}"), m.to_device(&Device::Cpu)?);
-        tensors.insert(format!("{MOMENT2}{name}"), v.to_device(&Device::Cpu)?);
+    for (name, state) in opt.state() {
+        tensors.insert(format!("{MOMENT1}{name}"), state.m.to_device(&Device::Cpu)?);
+        tensors.insert(format!("{MOMENT2}{name}"), state.v.to_device(&Device::Cpu)?);
+        if let Some(ema) = state.ema {
+            tensors.insert(format!("{AVERAGE}{name}"), ema.to_device(&Device::Cpu)?);
+        }
     }
     let mut meta: HashMap<String, String> = metadata.clone().into_iter().collect();
     meta.insert(STEPS_KEY.into(), opt.steps().to_string());
@@ -75,11 +80,12 @@ pub fn load(path: &Path, opt: &mut AdamW) -> anyhow::Result<HashMap<String, Stri
             );
         }
         var.set(&saved.to_device(var.device())?.to_dtype(var.dtype())?)?;
-        let moments = (
-            take(format!("{MOMENT1}{name}"))?.clone(),
-            take(format!("{MOMENT2}{name}"))?.clone(),
-        );
-        state.insert(name.to_string(), moments);
+        let saved_state = SlotState {
+            m: take(format!("{MOMENT1}{name}"))?.clone(),
+            v: take(format!("{MOMENT2}{name}"))?.clone(),
+            ema: tensors.get(&format!("{AVERAGE}{name}")).cloned(),
+        };
+        state.insert(name.to_string(), saved_state);
     }
     opt.restore(&state, steps)?;
     Ok(metadata)
@@ -106,11 +112,16 @@ mod tests {
 
     fn fresh() -> (AdamW, Var) {
         let w = Var::from_tensor(&Tensor::new(&[[0.3f64], [-0.1]], &Device::Cpu).unwrap()).unwrap();
-        let opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
+        let config = AdamWConfig {
+            ema_decay: Some(0.9),
+            ..Default::default()
+        };
+        let opt = AdamW::new(vec![("w".into(), w.clone())], config).unwrap();
         (opt, w)
     }
 
-    /// Three steps, save, reload into a fresh model, two more: identical to five straight.
+    /// Three steps, save, reload into a fresh model, two more: identical to five straight,
+    /// weight average included.
     #[test]
     fn resuming_reproduces_an_uninterrupted_run_exactly() {
         let dir = std::env::temp_dir().join(format!("ckpt-{}", std::process::id()));
@@ -132,6 +143,8 @@ mod tests {
             w_resumed.as_tensor().to_vec2::<f64>().unwrap(),
             w_straight.as_tensor().to_vec2::<f64>().unwrap()
         );
+        let average = |opt: &AdamW| opt.state()["w"].ema.as_ref().unwrap().to_vec2::<f64>().unwrap();
+        assert_eq!(average(&resumed), average(&straight));
 
         // A truncated checkpoint is refused with the file named.
         let bytes = std::fs::read(&path).unwrap();
