@@ -20,7 +20,7 @@ use super::vocab;
 use crate::engine::ddim::SchedulerConfig;
 use crate::engine::model::ModelSource;
 use crate::engine::tokenizer::ClipTokenizer;
-use crate::train::run::print_every;
+use crate::train::run::{print_every, seconds_recorded};
 
 /// Everything that decides the trained model.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -115,15 +115,41 @@ pub struct StageLog {
     pub figures: BTreeMap<String, f64>,
 }
 
+const LOG_FILE: &str = "training_log.json";
+
+/// What a finished stage reports besides its time.
+#[derive(Default)]
+struct StageResult {
+    final_loss: Option<f64>,
+    figures: BTreeMap<String, f64>,
+}
+
 impl TrainingLog {
-    /// Adds a finished stage and rewrites the log, atomically.
-    fn record(&mut self, path: &Path, name: &str, stage: StageLog) -> anyhow::Result<()> {
+    /// Runs `stage` unless the log records `name` as done (a stage is logged only after its
+    /// files are written), and records its result and time, counting the training time of
+    /// earlier processes that its `checkpoint` records.
+    fn run_stage(
+        &mut self,
+        path: &Path,
+        name: &str,
+        checkpoint: Option<&Path>,
+        stage: impl FnOnce() -> anyhow::Result<StageResult>,
+    ) -> anyhow::Result<()> {
+        if self.stages.contains_key(name) {
+            return Ok(());
+        }
+        let earlier = checkpoint.map_or(Ok(0.0), seconds_recorded)?;
+        let started = Instant::now();
+        let result = stage()?;
+        let stage = StageLog {
+            seconds: earlier + started.elapsed().as_secs_f64(),
+            final_loss: result.final_loss,
+            figures: result.figures,
+        };
         self.stages.insert(name.to_string(), stage);
         crate::fs::write_atomic(path, serde_json::to_string_pretty(self)?.as_bytes())
     }
 }
-
-const LOG_FILE: &str = "training_log.json";
 
 /// Runs every stage of `recipe` that the log in `out` does not record as done.
 pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<TrainingLog> {
@@ -154,10 +180,8 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
         &architecture::scheduler(),
     )?;
 
-    // A stage is done when the log records it: the log is written after the stage's files.
     let tokenizer_dir = out.join("tokenizer");
-    if !log.stages.contains_key("tokenizer") {
-        let started = Instant::now();
+    log.run_stage(&log_path, "tokenizer", None, || {
         eprintln!(
             "tokenizer: learning merges from {} captions",
             recipe.vocab_captions
@@ -168,26 +192,19 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             recipe.clip.seed,
             architecture::TOKEN_LENGTH,
         )?;
-        log.record(
-            &log_path,
-            "tokenizer",
-            StageLog {
-                seconds: started.elapsed().as_secs_f64(),
-                ..Default::default()
-            },
-        )?;
-    }
+        Ok(StageResult::default())
+    })?;
     let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
     let vocab_size = tokenizer.eos_id() as usize + 1;
 
-    if !log.stages.contains_key("clip") {
-        let started = Instant::now();
+    let checkpoint = work.join("clip.safetensors");
+    log.run_stage(&log_path, "clip", Some(&checkpoint), || {
         let config = architecture::parsed_clip(vocab_size)?;
         let (model, vars, losses) = clip_training::train(
             &config,
             &tokenizer,
             &recipe.clip,
-            Some(&work.join("clip.safetensors")),
+            Some(&checkpoint),
             device,
             print_every(recipe.report_every),
         )?;
@@ -224,25 +241,20 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             }),
         )?;
         save_vars(&vars, "", &out.join("clip/model.safetensors"))?;
-        log.record(
-            &log_path,
-            "clip",
-            StageLog {
-                seconds: started.elapsed().as_secs_f64(),
-                final_loss: tail_mean(&losses),
-                figures: accuracy_figures("zero_shot", &accuracy),
-            },
-        )?;
-    }
+        Ok(StageResult {
+            final_loss: tail_mean(&losses),
+            figures: accuracy_figures("zero_shot", &accuracy),
+        })
+    })?;
 
     let vae_weights = out.join("vae/diffusion_pytorch_model.safetensors");
-    if !log.stages.contains_key("vae") {
-        let started = Instant::now();
+    let checkpoint = work.join("vae.safetensors");
+    log.run_stage(&log_path, "vae", Some(&checkpoint), || {
         let (vae, vars, losses) = vae_training::train(
             &architecture::parsed_vae(1.0)?,
             &VaePhase::Full,
             &recipe.vae,
-            Some(&work.join("vae.safetensors")),
+            Some(&checkpoint),
             device,
             print_every(recipe.report_every),
         )?;
@@ -267,39 +279,26 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             &architecture::vae_config(scaling_factor),
         )?;
         save_vars(&vars, "", &vae_weights)?;
-        log.record(
-            &log_path,
-            "vae",
-            StageLog {
-                seconds: started.elapsed().as_secs_f64(),
-                final_loss: tail_mean(&losses),
-                figures: BTreeMap::from([
-                    ("psnr_db".to_string(), psnr),
-                    ("scaling_factor".to_string(), scaling_factor),
-                ]),
-            },
-        )?;
-    }
+        Ok(StageResult {
+            final_loss: tail_mean(&losses),
+            figures: BTreeMap::from([
+                ("psnr_db".to_string(), psnr),
+                ("scaling_factor".to_string(), scaling_factor),
+            ]),
+        })
+    })?;
 
     let latents_path = work.join("latents.safetensors");
-    if !log.stages.contains_key("latents") {
-        let started = Instant::now();
+    log.run_stage(&log_path, "latents", None, || {
         eprintln!("latents: encoding {} scenes", recipe.dataset);
         let vae = ModelSource::folder(out)?.vae(device, DType::F32)?;
         LatentDataset::encode(&vae, recipe.dataset, recipe.dataset_seed, device)?
             .save(&latents_path, recipe.dataset_seed)?;
-        log.record(
-            &log_path,
-            "latents",
-            StageLog {
-                seconds: started.elapsed().as_secs_f64(),
-                ..Default::default()
-            },
-        )?;
-    }
+        Ok(StageResult::default())
+    })?;
 
-    if !log.stages.contains_key("unet") {
-        let started = Instant::now();
+    let checkpoint = work.join("unet.safetensors");
+    log.run_stage(&log_path, "unet", Some(&checkpoint), || {
         let source = ModelSource::folder(out)?;
         let data = LatentDataset::load(&latents_path, recipe.dataset_seed, device)?;
         let text_encoder = source.text_encoder(device, DType::F32)?;
@@ -311,7 +310,7 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             &scheduler,
             &data,
             &recipe.unet,
-            Some(&work.join("unet.safetensors")),
+            Some(&checkpoint),
             device,
             print_every(recipe.report_every),
         )?;
@@ -321,19 +320,14 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             "",
             &out.join("unet/diffusion_pytorch_model.safetensors"),
         )?;
-        log.record(
-            &log_path,
-            "unet",
-            StageLog {
-                seconds: started.elapsed().as_secs_f64(),
-                final_loss: tail_mean(&losses),
-                figures: BTreeMap::new(),
-            },
-        )?;
-    }
+        Ok(StageResult {
+            final_loss: tail_mean(&losses),
+            ..Default::default()
+        })
+    })?;
 
-    if !log.stages.contains_key("vae_decoder") {
-        let started = Instant::now();
+    let checkpoint = work.join("vae_decoder.safetensors");
+    log.run_stage(&log_path, "vae_decoder", Some(&checkpoint), || {
         let source = ModelSource::folder(out)?;
         let config = source.vae(device, DType::F32)?.config().clone();
         let (vae, vars, losses) = vae_training::train(
@@ -342,23 +336,18 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
                 weights: &vae_weights,
             },
             &recipe.vae_decoder,
-            Some(&work.join("vae_decoder.safetensors")),
+            Some(&checkpoint),
             device,
             print_every(recipe.report_every),
         )?;
         let psnr = vae_training::reconstruction_psnr(&vae, recipe.evaluation_images, 98, device)?;
         eprintln!("vae decoder: reconstruction PSNR {psnr:.1} dB");
         save_vars(&vars, "", &vae_weights)?;
-        log.record(
-            &log_path,
-            "vae_decoder",
-            StageLog {
-                seconds: started.elapsed().as_secs_f64(),
-                final_loss: tail_mean(&losses),
-                figures: BTreeMap::from([("psnr_db".to_string(), psnr)]),
-            },
-        )?;
-    }
+        Ok(StageResult {
+            final_loss: tail_mean(&losses),
+            figures: BTreeMap::from([("psnr_db".to_string(), psnr)]),
+        })
+    })?;
     Ok(log)
 }
 

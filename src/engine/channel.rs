@@ -12,6 +12,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::cpu_kernels::{contiguous, with_floats};
+
 /// `x + bias`, with `bias` (C) along dim `axis` of `x`.
 pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
     if !uses_kernels(x) {
@@ -114,29 +116,6 @@ impl Channels {
     }
 }
 
-fn contiguous<'a, T: WithDType>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("per-channel ops take contiguous tensors"),
-    }
-}
-
-/// Runs `$body` with the idents bound to the storages' slices when all are f32 or all f64.
-macro_rules! with_floats {
-    (($($s:expr),+), |$($a:ident),+| $body:expr) => {
-        match ($($s),+) {
-            ($(CpuStorage::F32($a)),+) => Ok((CpuStorage::F32($body), Shape::from(0))),
-            ($(CpuStorage::F64($a)),+) => Ok((CpuStorage::F64($body), Shape::from(0))),
-            _ => bail!("per-channel ops on the CPU take f32 or f64 tensors of one dtype"),
-        }
-    };
-}
-
-/// Replaces the placeholder shape [`with_floats`] returns.
-fn shaped(result: Result<(CpuStorage, Shape)>, shape: Shape) -> Result<(CpuStorage, Shape)> {
-    result.map(|(storage, _)| (storage, shape))
-}
-
 struct AddBias {
     axis: usize,
 }
@@ -158,7 +137,7 @@ impl CustomOp2 for AddBias {
             let b = contiguous(b, l2)?;
             ch.map(contiguous(x, l1)?, |v, c| v + b[c])
         });
-        shaped(out, l1.shape().clone())
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -197,7 +176,7 @@ impl CustomOp3 for ScaleShift {
             let (scale, shift) = (contiguous(scale, l2)?, contiguous(shift, l3)?);
             ch.map(contiguous(x, l1)?, |v, c| v * scale[c] + shift[c])
         });
-        shaped(out, l1.shape().clone())
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -236,6 +215,6 @@ impl CustomOp1 for ChannelSums {
         let ch = Channels::of(l.shape(), self.axis, channels)?;
         #[allow(unused_parens)] // one storage: the macro's tuple pattern is a parenthesised one
         let out = with_floats!((s), |x| ch.sums(contiguous(x, l)?));
-        shaped(out, Shape::from(channels))
+        Ok((out, Shape::from(channels)))
     }
 }

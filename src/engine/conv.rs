@@ -14,6 +14,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::channel::add_bias;
+use super::cpu_kernels::{contiguous, with_floats};
 
 /// A convolution layer (dilation 1, one group), weights `[out, in, kh, kw]`, optional bias.
 #[derive(Debug, Clone)]
@@ -299,30 +300,6 @@ fn for_each_image<T: Send>(
     }
 }
 
-fn contiguous<'a, T: WithDType>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("conv2d: the {what} must be contiguous"),
-    }
-}
-
-/// Runs `$body` with `$a`, `$b` bound to the two storages' slices when both are f32 or both f64.
-macro_rules! float_pair {
-    ($s1:expr, $s2:expr, |$a:ident, $b:ident| $body:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32($a), CpuStorage::F32($b)) => {
-                let (out, shape) = $body;
-                Ok((CpuStorage::F32(out), shape))
-            }
-            (CpuStorage::F64($a), CpuStorage::F64($b)) => {
-                let (out, shape) = $body;
-                Ok((CpuStorage::F64(out), shape))
-            }
-            _ => bail!("conv2d on the CPU takes two f32 or two f64 tensors"),
-        }
-    };
-}
-
 /// The convolution itself: `(input, kernel) → output`.
 struct Im2ColConv {
     stride: usize,
@@ -349,11 +326,12 @@ impl CustomOp2 for Im2ColConv {
             self.stride,
             self.padding,
         )?;
-        float_pair!(s1, s2, |x, k| conv_forward(
+        let out = with_floats!((s1, s2), |x, k| conv_forward(
             &g,
-            contiguous(x, l1, "input")?,
-            contiguous(k, l2, "kernel")?
-        )?)
+            contiguous(x, l1)?,
+            contiguous(k, l2)?
+        ));
+        Ok((out, Shape::from((g.batch, g.c_out, g.out_h, g.out_w))))
     }
 
     fn bwd(
@@ -376,7 +354,7 @@ impl CustomOp2 for Im2ColConv {
     }
 }
 
-fn conv_forward<T: WithDType>(g: &Geometry, x: &[T], k: &[T]) -> Result<(Vec<T>, Shape)> {
+fn conv_forward<T: WithDType>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); g.batch * g.out_len()];
     let (patch, pixels) = (g.patch_len(), g.out_pixels());
     for_each_image(&mut out, g.batch, |b, out_b, par| {
@@ -401,7 +379,7 @@ fn conv_forward<T: WithDType>(g: &Geometry, x: &[T], k: &[T]) -> Result<(Vec<T>,
             )
         }
     });
-    Ok((out, Shape::from((g.batch, g.c_out, g.out_h, g.out_w))))
+    out
 }
 
 /// `(output gradient, kernel) → input gradient`.
@@ -430,15 +408,16 @@ impl CustomOp2 for InputGrad<'_> {
             self.conv.stride,
             self.conv.padding,
         )?;
-        float_pair!(s1, s2, |dy, k| input_grad(
+        let out = with_floats!((s1, s2), |dy, k| input_grad(
             &g,
-            contiguous(dy, l1, "gradient")?,
-            contiguous(k, l2, "kernel")?
-        )?)
+            contiguous(dy, l1)?,
+            contiguous(k, l2)?
+        ));
+        Ok((out, Shape::from((g.batch, g.c_in, g.h, g.w))))
     }
 }
 
-fn input_grad<T: WithDType>(g: &Geometry, dy: &[T], k: &[T]) -> Result<(Vec<T>, Shape)> {
+fn input_grad<T: WithDType>(g: &Geometry, dy: &[T], k: &[T]) -> Vec<T> {
     let mut dx = vec![T::zero(); g.batch * g.in_len()];
     let (patch, pixels) = (g.patch_len(), g.out_pixels());
     for_each_image(&mut dx, g.batch, |b, dx_b, par| {
@@ -465,7 +444,7 @@ fn input_grad<T: WithDType>(g: &Geometry, dy: &[T], k: &[T]) -> Result<(Vec<T>, 
             g.col2im(&scratch, dx_b);
         }
     });
-    Ok((dx, Shape::from((g.batch, g.c_in, g.h, g.w))))
+    dx
 }
 
 /// `(input, output gradient) → kernel gradient`.
@@ -495,15 +474,16 @@ impl CustomOp2 for KernelGrad<'_> {
             self.conv.stride,
             self.conv.padding,
         )?;
-        float_pair!(s1, s2, |x, dy| kernel_grad(
+        let out = with_floats!((s1, s2), |x, dy| kernel_grad(
             &g,
-            contiguous(x, l1, "input")?,
-            contiguous(dy, l2, "gradient")?
-        )?)
+            contiguous(x, l1)?,
+            contiguous(dy, l2)?
+        ));
+        Ok((out, Shape::from((g.c_out, g.c_in, g.kh, g.kw))))
     }
 }
 
-fn kernel_grad<T: WithDType>(g: &Geometry, x: &[T], dy: &[T]) -> Result<(Vec<T>, Shape)> {
+fn kernel_grad<T: WithDType>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     let (patch, pixels) = (g.patch_len(), g.out_pixels());
     let kernel_len = g.c_out * patch;
     // One partial sum per thread (or one in all, threading inside the GEMM), added at the end.
@@ -545,5 +525,5 @@ fn kernel_grad<T: WithDType>(g: &Geometry, x: &[T], dy: &[T]) -> Result<(Vec<T>,
         }
     }
     partial.truncate(kernel_len);
-    Ok((partial, Shape::from((g.c_out, g.c_in, g.kh, g.kw))))
+    partial
 }

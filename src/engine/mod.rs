@@ -11,6 +11,7 @@ pub mod clip_text;
 pub mod clip_vision;
 pub mod config;
 pub mod conv;
+mod cpu_kernels;
 pub mod ddim;
 pub mod model;
 pub mod nn;

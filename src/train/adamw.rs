@@ -75,7 +75,10 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let zeros = var.as_tensor().zeros_like()?;
-                let ema = config.ema_decay.map(|_| var.as_tensor().copy()).transpose()?;
+                let ema = config
+                    .ema_decay
+                    .map(|_| var.as_tensor().copy())
+                    .transpose()?;
                 Ok(Slot {
                     name,
                     m: zeros.clone(),
@@ -317,7 +320,12 @@ mod tests {
             let d = 0.5f64.min((1.0 + t as f64) / (10.0 + t as f64));
             ema = d * ema + (1.0 - d) * theta;
         }
-        let kept = opt.state()["x"].ema.as_ref().unwrap().to_vec1::<f64>().unwrap()[0];
+        let kept = opt.state()["x"]
+            .ema
+            .as_ref()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
         assert!((kept - ema).abs() < 1e-12, "{kept} vs {ema}");
         opt.use_averages().unwrap();
         assert_eq!(x.as_tensor().to_vec1::<f64>().unwrap()[0], kept);

@@ -41,15 +41,8 @@ pub fn save(path: &Path, opt: &AdamW, metadata: &BTreeMap<String, String>) -> an
 
 /// Restores parameters and optimiser state saved by `save` into `opt`; returns the metadata.
 pub fn load(path: &Path, opt: &mut AdamW) -> anyhow::Result<HashMap<String, String>> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: not a valid checkpoint ({e:?}); it may be truncated",
-            path.display()
-        )
-    })?;
-    let metadata = header.metadata().clone().unwrap_or_default();
+    let bytes = read(path)?;
+    let metadata = metadata_of(path, &bytes)?;
     let steps: u64 = metadata
         .get(STEPS_KEY)
         .and_then(|s| s.parse().ok())
@@ -89,6 +82,25 @@ pub fn load(path: &Path, opt: &mut AdamW) -> anyhow::Result<HashMap<String, Stri
     }
     opt.restore(&state, steps)?;
     Ok(metadata)
+}
+
+/// The metadata of the checkpoint at `path`.
+pub fn read_metadata(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    metadata_of(path, &read(path)?)
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))
+}
+
+fn metadata_of(path: &Path, bytes: &[u8]) -> anyhow::Result<HashMap<String, String>> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a valid checkpoint ({e:?}); it may be truncated",
+            path.display()
+        )
+    })?;
+    Ok(header.metadata().clone().unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -143,7 +155,14 @@ mod tests {
             w_resumed.as_tensor().to_vec2::<f64>().unwrap(),
             w_straight.as_tensor().to_vec2::<f64>().unwrap()
         );
-        let average = |opt: &AdamW| opt.state()["w"].ema.as_ref().unwrap().to_vec2::<f64>().unwrap();
+        let average = |opt: &AdamW| {
+            opt.state()["w"]
+                .ema
+                .as_ref()
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap()
+        };
         assert_eq!(average(&resumed), average(&straight));
 
         // A truncated checkpoint is refused with the file named.

@@ -96,6 +96,22 @@ pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
     rng
 }
 
+/// Checkpoint metadata: seconds spent training up to the checkpoint, over every process.
+const SECONDS_KEY: &str = "seconds";
+
+/// Seconds of training a checkpoint at `path` records (0 without one): what a resumed stage
+/// adds to its own time.
+pub fn seconds_recorded(path: &Path) -> anyhow::Result<f64> {
+    if !path.exists() {
+        return Ok(0.0);
+    }
+    let metadata = checkpoint::read_metadata(path)?;
+    Ok(metadata
+        .get(SECONDS_KEY)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0))
+}
+
 /// Runs `run`, resuming from its checkpoint when one exists. `loss_at(step)` builds the loss
 /// for a step (its data must depend only on the step, so a resumed run sees what an
 /// uninterrupted one would). Returns the losses of the steps taken in this call.
@@ -105,11 +121,16 @@ pub fn train(
     mut loss_at: impl FnMut(usize) -> anyhow::Result<Tensor>,
     mut report: impl FnMut(&Progress),
 ) -> anyhow::Result<Vec<f64>> {
+    let mut seconds_before = 0.0;
     if let Some(path) = run.checkpoint.filter(|p| p.exists()) {
-        checkpoint::load(path, opt)?;
+        let metadata = checkpoint::load(path, opt)?;
+        seconds_before = metadata
+            .get(SECONDS_KEY)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
     }
     let first = opt.steps() as usize;
-    let metadata = BTreeMap::from([("run".to_string(), run.name.to_string())]);
+    let mut metadata = BTreeMap::from([("run".to_string(), run.name.to_string())]);
     let started = Instant::now();
     let mut losses = Vec::new();
     for step in first..run.schedule.steps {
@@ -128,6 +149,8 @@ pub fn train(
         if let Some(path) = run.checkpoint
             && (done % run.checkpoint_every.max(1) == 0 || done == run.schedule.steps)
         {
+            let seconds = seconds_before + started.elapsed().as_secs_f64();
+            metadata.insert(SECONDS_KEY.to_string(), seconds.to_string());
             checkpoint::save(path, opt, &metadata)?;
         }
         report(&Progress {
@@ -171,5 +194,42 @@ mod tests {
         assert!((s.lr(10) - 1.0).abs() < 1e-12);
         assert!((s.lr(100) - 0.1).abs() < 1e-12);
         assert!(s.lr(50) < s.lr(30) && s.lr(50) > 0.1);
+    }
+
+    /// A run stopped after 3 of 6 steps and resumed: the checkpoint's recorded seconds cover
+    /// both processes.
+    #[test]
+    fn resumed_runs_add_up_their_training_seconds() {
+        use crate::train::AdamWConfig;
+        let dir = std::env::temp_dir().join(format!("run-seconds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ckpt.safetensors");
+        assert_eq!(seconds_recorded(&path).unwrap(), 0.0);
+        let mut recorded = Vec::new();
+        for steps in [3, 6] {
+            let w = Var::new(&[1.0f64, -2.0], &candle_core::Device::Cpu).unwrap();
+            let mut opt =
+                AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
+            let run = Run {
+                name: "test",
+                schedule: Schedule::warmup_cosine(steps, 0.1),
+                checkpoint: Some(&path),
+                checkpoint_every: 1,
+            };
+            let losses = train(
+                &run,
+                &mut opt,
+                |_| Ok(w.as_tensor().sqr()?.sum_all()?),
+                |_| {},
+            )
+            .unwrap();
+            assert_eq!(losses.len(), 3);
+            recorded.push(seconds_recorded(&path).unwrap());
+        }
+        assert!(
+            0.0 < recorded[0] && recorded[0] < recorded[1],
+            "{recorded:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
