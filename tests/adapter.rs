@@ -195,3 +195,48 @@ fn a_trained_adapter_acts_on_both_guidance_branches_and_receives_gradients() {
         assert!(max_abs(g) > 0.0, "{name}: zero gradient");
     }
 }
+
+#[test]
+fn adapter_files_round_trip_and_refuse_other_models() {
+    let sd = model();
+    let config = AdapterConfig {
+        safe_delta: SafeDelta::LowRank { rank: 2 },
+        ..Default::default()
+    };
+    let adapter = ErasureAdapter::new(&sd.unet, config, 0, DType::F32, &Device::Cpu).unwrap();
+    randomize(&adapter, "", 11);
+    let dir = common::temp_dir("adapter-file");
+    let path = dir.join("adapter.safetensors");
+    adapter.save(&path, &sd.unet).unwrap();
+    let loaded = ErasureAdapter::load(&path, &sd.unet, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config(), adapter.config());
+    let (a, b) = (
+        adapter.vars().data().lock().unwrap(),
+        loaded.vars().data().lock().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (name, var) in a.iter() {
+        let diff = (var.as_tensor() - b[name].as_tensor()).unwrap();
+        assert_eq!(max_abs(&diff), 0.0, "{name}");
+    }
+
+    // Another model (the demo model has other cross-attention layers).
+    let demo = ModelSource::folder(&erasure_studio::demo_world::demo_model_dir().unwrap())
+        .unwrap()
+        .unet(&Device::Cpu, DType::F32)
+        .unwrap();
+    let err = ErasureAdapter::load(&path, &demo, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("made for a UNet"), "{err:#}");
+    // A safetensors file that is not an adapter.
+    let weights = fixtures().join("tiny-sd1/unet/diffusion_pytorch_model.safetensors");
+    let err = ErasureAdapter::load(&weights, &sd.unet, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("not an Erasure Studio adapter"),
+        "{err:#}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -9,6 +9,8 @@
 //! for training, the engine takes its differentiable attention kernels instead of the fused ones,
 //! which round differently: outputs then agree to about 1e-6.)
 
+mod file;
+
 use candle_core::{D, DType, Device, Result, Tensor, bail};
 use candle_nn::{Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,108 @@
+//! The native adapter file: one safetensors file with every adapter variable under its name and,
+//! in the metadata, the format tag, the adapter config and the cross-attention layer paths it was
+//! made for, so loading into a different model fails with a clear message.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+
+use super::{AdapterConfig, ErasureAdapter};
+use crate::engine::unet::UNet;
+
+const FORMAT_KEY: &str = "format";
+const FORMAT: &str = "erasure-studio-adapter/1";
+const CONFIG_KEY: &str = "adapter_config";
+const LAYERS_KEY: &str = "cross_attn_layers";
+
+fn layer_paths(unet: &UNet) -> Vec<String> {
+    unet.cross_attn_layers()
+        .into_iter()
+        .map(|l| l.path.clone())
+        .collect()
+}
+
+impl ErasureAdapter {
+    /// Writes the adapter to `path` atomically.
+    pub fn save(&self, path: &Path, unet: &UNet) -> anyhow::Result<()> {
+        let tensors: BTreeMap<String, Tensor> = self
+            .vars()
+            .data()
+            .lock()
+            .expect("var map lock")
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_device(&Device::Cpu)?)))
+            .collect::<candle_core::Result<_>>()?;
+        let metadata = HashMap::from([
+            (FORMAT_KEY.to_string(), FORMAT.to_string()),
+            (
+                CONFIG_KEY.to_string(),
+                serde_json::to_string(self.config())?,
+            ),
+            (
+                LAYERS_KEY.to_string(),
+                serde_json::to_string(&layer_paths(unet))?,
+            ),
+        ]);
+        crate::fs::atomically(path, |tmp| {
+            Ok(safetensors::serialize_to_file(
+                &tensors,
+                Some(metadata),
+                tmp,
+            )?)
+        })
+    }
+
+    /// Reads an adapter written by [`save`](Self::save) for `unet`.
+    pub fn load(path: &Path, unet: &UNet, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read adapter file {}", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e:?})", path.display()))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
+            bail!(
+                "{}: not an Erasure Studio adapter (metadata `{FORMAT_KEY}` is not `{FORMAT}`); \
+                 kohya LoRA files are an export format and cannot be loaded back",
+                path.display()
+            );
+        }
+        let field = |key: &str| {
+            metadata
+                .get(key)
+                .with_context(|| format!("{}: metadata `{key}` is missing", path.display()))
+        };
+        let config: AdapterConfig = serde_json::from_str(field(CONFIG_KEY)?)
+            .with_context(|| format!("{}: metadata `{CONFIG_KEY}`", path.display()))?;
+        let layers: Vec<String> = serde_json::from_str(field(LAYERS_KEY)?)
+            .with_context(|| format!("{}: metadata `{LAYERS_KEY}`", path.display()))?;
+        if layers != layer_paths(unet) {
+            bail!(
+                "{}: the adapter was made for a UNet with {} cross-attention layers ({}…); \
+                 this model has {}; load it with the model it was trained on",
+                path.display(),
+                layers.len(),
+                layers.first().map_or("", String::as_str),
+                unet.cross_attn_layers().len()
+            );
+        }
+        let adapter = Self::new(unet, config, 0, dtype, device)?;
+        let saved = candle_core::safetensors::load_buffer(&bytes, device)?;
+        for (name, var) in adapter.vars().data().lock().expect("var map lock").iter() {
+            let tensor = saved
+                .get(name)
+                .with_context(|| format!("{}: tensor `{name}` is missing", path.display()))?;
+            if tensor.shape() != var.shape() {
+                bail!(
+                    "{}: `{name}` has shape {:?}, the model needs {:?}",
+                    path.display(),
+                    tensor.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&tensor.to_dtype(dtype)?)?;
+        }
+        Ok(adapter)
+    }
+}
