@@ -1,12 +1,14 @@
 //! Finite-difference gradient checks in f64 on tiny configs: the engine must be trainable
-//! through the cross-attention hook, the context, the text encoder and the VAE decoder.
+//! through the erasure adapter (the cross-attention hook), the context, the text encoder and the
+//! VAE decoder.
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use erasure_studio::adapter::{AdapterConfig, ErasureAdapter, SafeDelta};
 use erasure_studio::engine::clip_text::{ClipTextConfig, ClipTextModel};
 use erasure_studio::engine::noise::NoiseStream;
 use erasure_studio::engine::unet::config::UNetConfigFile;
-use erasure_studio::engine::unet::{CrossAttnHook, CrossAttnLayer, UNet, UNetConfig};
+use erasure_studio::engine::unet::{UNet, UNetConfig};
 use erasure_studio::engine::vae::{AutoencoderKl, VaeConfig};
 
 const DEV: Device = Device::Cpu;
@@ -126,43 +128,6 @@ fn assert_all_vars_get_gradients(what: &str, vars: &VarMap, loss: &Tensor) {
     assert!(missing.is_empty(), "{what}: no gradient for {missing:?}");
 }
 
-/// LoRA on `to_k`/`to_v` for the leading tokens plus separate projections for the last `m`
-/// tokens: the Safe Adapter of the design, expressed through the hook.
-struct TailAdapter {
-    lora_down: Var,
-    lora_up: Var,
-    tail_k: Var,
-    m: usize,
-}
-
-impl CrossAttnHook for TailAdapter {
-    fn key_value(&self, layer: &CrossAttnLayer, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        let len = context.dim(1)?;
-        let head = context.narrow(1, 0, len - self.m)?;
-        let tail = context.narrow(1, len - self.m, self.m)?;
-        let (k_head, v_head) = layer.base_key_value(&head)?;
-        // Shared adapter weights sized for the first layer width, sliced for wider layers.
-        let lora = head
-            .broadcast_matmul(&self.lora_down.as_tensor().t()?)?
-            .broadcast_matmul(
-                &self
-                    .lora_up
-                    .as_tensor()
-                    .narrow(0, 0, layer.inner_dim)?
-                    .t()?,
-            )?;
-        let k_head = (k_head + lora)?;
-        let tail_w =
-            (layer.to_k.weight() + self.tail_k.as_tensor().narrow(0, 0, layer.inner_dim)?)?;
-        let k_tail = tail.broadcast_matmul(&tail_w.t()?)?;
-        let v_tail = layer.to_v.forward(&tail)?;
-        Ok((
-            Tensor::cat(&[&k_head, &k_tail], 1)?,
-            Tensor::cat(&[&v_head, &v_tail], 1)?,
-        ))
-    }
-}
-
 fn tiny_unet(vars: &VarMap, json: &str) -> UNet {
     let file: UNetConfigFile = serde_json::from_str(json).unwrap();
     let vb = VarBuilder::from_varmap(vars, DType::F64, &DEV);
@@ -177,18 +142,20 @@ const TINY_UNET_LINEAR: &str = r#"{"block_out_channels": [8, 16], "layers_per_bl
   "cross_attention_dim": 12, "attention_head_dim": [2, 4], "use_linear_projection": true,
   "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#;
 
-fn check_unet(json: &str, side: (usize, usize)) {
+fn check_unet(json: &str, side: (usize, usize), safe_delta: SafeDelta) {
     let vars = VarMap::new();
     let unet = tiny_unet(&vars, json);
     randomize(&vars, 1);
-    let mut rng = NoiseStream::new(11);
-    let (ctx_len, ctx_dim, m) = (6, 12, 2);
-    let adapter = TailAdapter {
-        lora_down: var(&mut rng, &[2, ctx_dim], 0.3),
-        lora_up: var(&mut rng, &[16, 2], 0.3),
-        tail_k: var(&mut rng, &[16, ctx_dim], 0.3),
-        m,
+    let config = AdapterConfig {
+        lora_rank: 2,
+        lora_alpha: 3.0,
+        tail_tokens: 2,
+        safe_delta,
     };
+    let adapter = ErasureAdapter::new(&unet, config, 4, DType::F64, &DEV).unwrap();
+    randomize(adapter.vars(), 5);
+    let mut rng = NoiseStream::new(11);
+    let (ctx_len, ctx_dim) = (6, 12);
     let sample = randn(&mut rng, &[2, 4, side.0, side.1]);
     let context = var(&mut rng, &[2, ctx_len, ctx_dim], 1.0);
     let t = Tensor::new(&[10u32, 700], &DEV).unwrap();
@@ -199,9 +166,20 @@ fn check_unet(json: &str, side: (usize, usize)) {
             &proj,
         )
     };
-    check_var("hook lora_up", &adapter.lora_up, &coords(32, 12), &loss);
-    check_var("hook lora_down", &adapter.lora_down, &coords(24, 12), &loss);
-    check_var("hook tail_k", &adapter.tail_k, &coords(16 * 12, 16), &loss);
+    // Every adapter variable of the first and last cross-attention layers.
+    let layers = unet.cross_attn_layers();
+    let checked = [&layers[0].path, &layers[layers.len() - 1].path];
+    let adapter_vars = adapter.vars().data().lock().unwrap().clone();
+    let mut names: Vec<_> = adapter_vars
+        .keys()
+        .filter(|n| checked.iter().any(|p| n.starts_with(p.as_str())))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        let var = &adapter_vars[name];
+        check_var(name, var, &coords(var.as_tensor().elem_count(), 8), &loss);
+    }
     check_var(
         "context",
         &context,
@@ -209,16 +187,17 @@ fn check_unet(json: &str, side: (usize, usize)) {
         &loss,
     );
     assert_all_vars_get_gradients("unet", &vars, &loss().unwrap());
+    assert_all_vars_get_gradients("adapter", adapter.vars(), &loss().unwrap());
 }
 
 #[test]
 fn unet_gradients_through_hook_and_context_match_finite_differences() {
-    check_unet(TINY_UNET, (8, 8));
+    check_unet(TINY_UNET, (8, 8), SafeDelta::Full);
 }
 
 #[test]
 fn unet_linear_projection_odd_size_gradients_match_finite_differences() {
-    check_unet(TINY_UNET_LINEAR, (6, 5));
+    check_unet(TINY_UNET_LINEAR, (6, 5), SafeDelta::LowRank { rank: 3 });
 }
 
 #[test]
