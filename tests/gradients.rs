@@ -2,7 +2,7 @@
 //! through the erasure adapter (the cross-attention hook), the context, the text encoder and the
 //! VAE decoder.
 
-use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter, SafeDelta};
 use erasure_studio::engine::clip_text::{ClipTextConfig, ClipTextModel};
