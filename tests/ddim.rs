@@ -132,6 +132,7 @@ fn step_log_prob_is_the_gaussian_density_of_the_drawn_sample() {
     for &t in &ddim.timesteps()[..3] {
         let step = ddim.step(&eps, t, &sample, 1.0, Some(&noise)).unwrap();
         let log_p = step
+            .transition
             .log_prob(&step.prev_sample)
             .unwrap()
             .unwrap()
@@ -166,7 +167,8 @@ fn step_log_prob_is_the_gaussian_density_of_the_drawn_sample() {
         }
         // A sample away from the mean is less likely than the mean itself.
         let at_mean = step
-            .log_prob(&step.mean)
+            .transition
+            .log_prob(&step.transition.mean)
             .unwrap()
             .unwrap()
             .to_vec1::<f64>()
@@ -177,7 +179,7 @@ fn step_log_prob_is_the_gaussian_density_of_the_drawn_sample() {
     let det = ddim
         .step(&eps, ddim.timesteps()[0], &sample, 0.0, None)
         .unwrap();
-    assert!(det.log_prob(&det.prev_sample).unwrap().is_none());
+    assert!(det.transition.log_prob(&det.prev_sample).unwrap().is_none());
 }
 
 #[test]

@@ -174,24 +174,29 @@ fn rescale_zero_terminal_snr(betas: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-/// The result of one DDIM step.
-pub struct DdimStep {
-    /// x_{t−1}: the mean plus σ·noise (the mean itself when σ = 0).
-    pub prev_sample: Tensor,
-    /// Mean of the step's Gaussian.
+/// The Gaussian a DDIM step draws x_{t−1} from.
+pub struct Transition {
     pub mean: Tensor,
-    /// Standard deviation σ of the step's Gaussian (η·√variance).
+    /// σ (0 for a deterministic step).
     pub std: f64,
     /// Predicted x_0.
     pub pred_original: Tensor,
 }
 
-impl DdimStep {
+impl Transition {
     /// Log density [B] of `x` under N(mean, σ²·I), summed over all but the batch dimension.
     /// `None` when σ = 0 (a deterministic step has no density).
     pub fn log_prob(&self, x: &Tensor) -> Result<Option<Tensor>> {
         gaussian_log_prob(x, &self.mean, self.std)
     }
+}
+
+/// The result of one DDIM step.
+pub struct DdimStep {
+    /// x_{t−1}: the mean plus σ·noise (the mean itself when σ = 0).
+    pub prev_sample: Tensor,
+    /// The Gaussian it was drawn from.
+    pub transition: Transition,
 }
 
 /// Log density [B] of `x` under N(mean, std²·I), summed over all dimensions after the first.
@@ -269,16 +274,16 @@ impl Ddim {
         (original * a.sqrt())? + (noise * (1.0 - a).sqrt())?
     }
 
-    /// One step from `sample` (x_t) given the model output at `t`. With `eta > 0`,
-    /// `noise` (standard normal, the sample's shape) is required and scaled by σ.
-    pub fn step(
+    /// The Gaussian of one step from `sample` (x_t) given the model output at `t`: its mean,
+    /// σ = η·√variance and the predicted x_0. A policy-gradient trainer scores stored x_{t−1}
+    /// under it.
+    pub fn transition(
         &self,
         model_output: &Tensor,
         t: usize,
         sample: &Tensor,
         eta: f64,
-        noise: Option<&Tensor>,
-    ) -> Result<DdimStep> {
+    ) -> Result<Transition> {
         let alpha_t = self.alphas_cumprod[t];
         let alpha_prev = self.prev_alpha(t);
         let beta_t = 1.0 - alpha_t;
@@ -306,16 +311,33 @@ impl Ddim {
         let std = eta * variance.max(0.0).sqrt();
         let direction = (pred_epsilon * (1.0 - alpha_prev - std * std).max(0.0).sqrt())?;
         let mean = ((&pred_original * alpha_prev.sqrt())? + direction)?;
+        Ok(Transition {
+            mean,
+            std,
+            pred_original,
+        })
+    }
+
+    /// One step from `sample` (x_t) given the model output at `t`. With `eta > 0`,
+    /// `noise` (standard normal, the sample's shape) is required and scaled by σ.
+    pub fn step(
+        &self,
+        model_output: &Tensor,
+        t: usize,
+        sample: &Tensor,
+        eta: f64,
+        noise: Option<&Tensor>,
+    ) -> Result<DdimStep> {
+        let transition = self.transition(model_output, t, sample, eta)?;
+        let (mean, std) = (&transition.mean, transition.std);
         let prev_sample = match (std > 0.0, noise) {
             (false, _) => mean.clone(),
-            (true, Some(noise)) => (&mean + (noise.to_dtype(mean.dtype())? * std)?)?,
+            (true, Some(noise)) => (mean + (noise.to_dtype(mean.dtype())? * std)?)?,
             (true, None) => candle_core::bail!("a stochastic DDIM step (eta > 0) needs noise"),
         };
         Ok(DdimStep {
             prev_sample,
-            mean,
-            std,
-            pred_original,
+            transition,
         })
     }
 }
