@@ -54,6 +54,19 @@ impl Conditioning {
         })
     }
 
+    /// The conditioning of batch items `items` (a u32 index tensor).
+    pub fn select(&self, items: &Tensor) -> Result<Self> {
+        Ok(Self {
+            cond: self.cond.index_select(items, 0)?,
+            uncond: self
+                .uncond
+                .as_ref()
+                .map(|u| u.index_select(items, 0))
+                .transpose()?,
+            guidance_scale: self.guidance_scale,
+        })
+    }
+
     /// The guided model output for latents `x` [B, …] at timestep `t`.
     pub fn predict(
         &self,
@@ -131,7 +144,12 @@ impl Denoiser<'_> {
     }
 }
 
-fn latent_shape(sd: &StableDiffusion, width: usize, height: usize) -> anyhow::Result<[usize; 3]> {
+/// The latent shape [C, h, w] of a `width`×`height` image for `sd`.
+pub fn latent_shape(
+    sd: &StableDiffusion,
+    width: usize,
+    height: usize,
+) -> anyhow::Result<[usize; 3]> {
     let f = sd.vae.config().downscale();
     if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
         bail!(

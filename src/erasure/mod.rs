@@ -1,0 +1,4 @@
+//! Concept erasure by reinforcement learning: the erasure adapter is a policy over stochastic
+//! DDIM trajectories, trained with DDPO and PPO clipping on a concept-erasing reward.
+
+pub mod rollout;

@@ -1,0 +1,111 @@
+//! Trajectories for policy-gradient training: stochastic DDIM sampling through the adapter,
+//! every latent kept, and each step's log-probability under the policy that sampled it.
+//!
+//! Sampling goes through the adapter itself (not [`ErasureAdapter::detached`]), so the engine
+//! runs the same differentiable kernels as when the trainer scores the stored steps again:
+//! before any update, recomputing the batch as sampled gives the stored log-probabilities bit
+//! for bit and the PPO ratio starts at exactly 1 (the fused inference kernels round differently,
+//! which a clip range of 1e-4 would notice).
+
+use candle_core::{Result, Tensor};
+
+use crate::adapter::ErasureAdapter;
+use crate::engine::StableDiffusion;
+use crate::engine::ddim::Ddim;
+use crate::engine::noise::BatchNoise;
+use crate::engine::pipeline::{Conditioning, GenerateRequest, latent_shape};
+
+/// One batch of sampled trajectories.
+pub struct Trajectories {
+    pub request: GenerateRequest,
+    pub ddim: Ddim,
+    /// The prompts' conditioning, and the negative prompt's with guidance.
+    pub conditioning: Conditioning,
+    /// x_T, …, x_0: one more than the steps, each [B, C, h, w].
+    pub latents: Vec<Tensor>,
+    /// log p(x_{t−1} | x_t) of each step, [B], under the adapter that sampled it.
+    pub log_probs: Vec<Tensor>,
+}
+
+impl Trajectories {
+    /// The clean latents x_0 [B, C, h, w].
+    pub fn final_latents(&self) -> &Tensor {
+        self.latents
+            .last()
+            .expect("a trajectory has its initial latents")
+    }
+
+    pub fn steps(&self) -> usize {
+        self.log_probs.len()
+    }
+}
+
+/// Samples `request` (its η must be > 0: a deterministic step has no density) through `adapter`.
+pub fn sample(
+    sd: &StableDiffusion,
+    adapter: &ErasureAdapter,
+    request: &GenerateRequest,
+) -> anyhow::Result<Trajectories> {
+    if request.eta <= 0.0 {
+        anyhow::bail!(
+            "policy-gradient sampling needs DDIM η > 0, got {}",
+            request.eta
+        );
+    }
+    let ddim = Ddim::new(&sd.scheduler, request.steps)?;
+    let conditioning = Conditioning::encode(
+        sd,
+        &request.prompts,
+        &request.negative_prompt,
+        request.guidance_scale,
+    )?;
+    let shape = latent_shape(sd, request.width, request.height)?;
+    let mut noise = BatchNoise::new(request.seed, request.prompts.len());
+    let mut x = (noise.tensor(&shape, &sd.device)? * ddim.init_noise_sigma())?;
+    let mut latents = vec![x.clone()];
+    let mut log_probs = Vec::with_capacity(request.steps);
+    for &t in ddim.timesteps() {
+        let out = conditioning
+            .predict(&sd.unet, &x, t, Some(adapter))?
+            .detach();
+        let step_noise = noise.tensor(&shape, &sd.device)?;
+        let step = ddim.step(&out, t, &x, request.eta, Some(&step_noise))?;
+        let log_prob = step
+            .transition
+            .log_prob(&step.prev_sample)?
+            .expect("η > 0 gives every step a density");
+        log_probs.push(log_prob.detach());
+        x = step.prev_sample.detach();
+        latents.push(x.clone());
+    }
+    Ok(Trajectories {
+        request: request.clone(),
+        ddim,
+        conditioning,
+        latents,
+        log_probs,
+    })
+}
+
+/// log p(x_{t−1} | x_t) [items] of the stored step `step` for batch `items`, under the adapter
+/// as it is now, with gradients to its variables. Before any update it equals the stored value
+/// bit for bit when `items` is the whole batch in order; another composition changes the GEMM
+/// tiling and with it the last bits (about 1e-7 relative).
+pub fn step_log_prob(
+    sd: &StableDiffusion,
+    adapter: &ErasureAdapter,
+    traj: &Trajectories,
+    step: usize,
+    items: &Tensor,
+) -> Result<Tensor> {
+    let t = traj.ddim.timesteps()[step];
+    let x = traj.latents[step].index_select(items, 0)?;
+    let x_prev = traj.latents[step + 1].index_select(items, 0)?;
+    let conditioning = traj.conditioning.select(items)?;
+    let out = conditioning.predict(&sd.unet, &x, t, Some(adapter))?;
+    let transition = traj.ddim.transition(&out, t, &x, traj.request.eta)?;
+    match transition.log_prob(&x_prev)? {
+        Some(log_prob) => Ok(log_prob),
+        None => candle_core::bail!("step {step} of the trajectory is deterministic"),
+    }
+}
