@@ -1,4 +1,5 @@
 //! Concept erasure by reinforcement learning: the erasure adapter is a policy over stochastic
 //! DDIM trajectories, trained with DDPO and PPO clipping on a concept-erasing reward.
 
+pub mod ppo;
 pub mod rollout;
