@@ -14,4 +14,5 @@ pub mod erasure;
 pub mod fs;
 pub mod images;
 pub mod parity;
+pub mod reward;
 pub mod train;

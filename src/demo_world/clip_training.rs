@@ -10,7 +10,7 @@ use candle_nn::VarMap;
 use super::captions::Caption;
 use super::judge::Attributes;
 use super::scene::{Background, Colour, Fill, Object, Scene, render_batch};
-use crate::engine::clip_model::{ClipModel, ClipModelConfig};
+use crate::engine::clip_model::{ClipModel, ClipModelConfig, unit_length};
 use crate::engine::clip_text::ids_tensor;
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::train::init::seeded_var_builder;
@@ -96,8 +96,8 @@ fn contrastive_loss(
 ) -> candle_core::Result<Tensor> {
     let n = scenes.len();
     let ids: Vec<Vec<u32>> = captions.iter().map(|c| tokenizer.encode(&c.text)).collect();
-    let text = normalize(&model.text_embeds(&ids_tensor(&ids, device)?)?)?;
-    let image = normalize(&model.image_embeds(&pixel_values(&render_batch(scenes, device)?)?)?)?;
+    let text = unit_length(&model.text_embeds(&ids_tensor(&ids, device)?)?)?;
+    let image = unit_length(&model.image_embeds(&pixel_values(&render_batch(scenes, device)?)?)?)?;
     let scale = model.logit_scale()?.clamp(0.0, MAX_LOGIT_SCALE)?;
     let logits = text.matmul(&image.t()?)?.broadcast_mul(&scale)?;
     let matches: Vec<f32> = captions
@@ -114,10 +114,6 @@ fn contrastive_loss(
     let text_loss = soft_cross_entropy(&logits, &to_images)?;
     let image_loss = soft_cross_entropy(&logits.t()?, &to_texts)?;
     (text_loss + image_loss)? / 2.0
-}
-
-fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
 }
 
 /// Mean over rows of −Σ target · log softmax(logits).
@@ -158,14 +154,15 @@ pub fn zero_shot_accuracy(
         .iter()
         .map(|texts| {
             let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t)).collect();
-            normalize(&model.text_embeds(&ids_tensor(&ids, device)?)?)
+            unit_length(&model.text_embeds(&ids_tensor(&ids, device)?)?)
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let mut rng = step_rng(seed, 0);
     let scenes: Vec<Scene> = (0..count).map(|_| Scene::sample(&mut rng)).collect();
     let mut correct = [0usize; 4];
     for chunk in scenes.chunks(128) {
-        let image = normalize(&model.image_embeds(&pixel_values(&render_batch(chunk, device)?)?)?)?;
+        let image =
+            unit_length(&model.image_embeds(&pixel_values(&render_batch(chunk, device)?)?)?)?;
         let picks: Vec<Vec<u32>> = text_features
             .iter()
             .map(|t| image.matmul(&t.t()?)?.argmax(D::Minus1)?.to_vec1::<u32>())

@@ -98,3 +98,8 @@ impl ClipModel {
         self.logit_scale.exp()
     }
 }
+
+/// Features scaled to unit length along the last dim, for cosine similarities.
+pub fn unit_length(x: &Tensor) -> Result<Tensor> {
+    x.broadcast_div(&x.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sqrt()?)
+}

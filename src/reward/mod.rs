@@ -1,0 +1,3 @@
+//! Rewards for erasure: concept detectors and image–text alignment.
+
+pub mod clip;
