@@ -15,4 +15,5 @@ pub mod fs;
 pub mod images;
 pub mod parity;
 pub mod reward;
+pub mod stats;
 pub mod train;

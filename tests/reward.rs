@@ -3,6 +3,9 @@
 use candle_core::{D, Device, Tensor};
 use erasure_studio::demo_world::demo_model_dir;
 use erasure_studio::demo_world::scene::{Background, Colour, Fill, Object, Scene, render_batch};
+use erasure_studio::reward::cer::{
+    CerWeights, ClipDetector, ConceptDetector, concept_erasing_reward, filter_words,
+};
 use erasure_studio::reward::clip::ClipScorer;
 use rand::SeedableRng;
 
@@ -59,4 +62,103 @@ fn images_of_another_size_are_refused_with_the_sizes() {
     let images = Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     let err = scorer().image_features(&images).err().unwrap().to_string();
     assert!(err.contains("64×64") && err.contains("32×32"), "{err}");
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn scenes_of(colour: Colour, count: usize, seed: u64) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let scenes: Vec<Scene> = (0..count)
+        .map(|i| {
+            let object = Object::ALL[i % Object::ALL.len()];
+            Scene::with_attributes(object, colour, Fill::Solid, Background::Gray, &mut rng)
+        })
+        .collect();
+    render_batch(&scenes, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn concept_words_are_filtered_as_whole_words() {
+    let words = strings(&["star", "Striped"]);
+    assert_eq!(filter_words("A red STAR, striped", &words), "A red");
+    assert_eq!(
+        filter_words("a starfish on a striped-less mat", &words),
+        "a starfish on a striped-less mat"
+    );
+}
+
+#[test]
+fn the_clip_detector_sees_its_concept_and_the_reward_combines_its_parts() {
+    let clip = scorer();
+    let detector = ClipDetector {
+        clip: &clip,
+        concept_texts: strings(&["a red shape"]),
+        neutral_texts: strings(&["a blue shape", "a green shape", "a yellow shape"]),
+    };
+    let red = detector
+        .concept_probability(&scenes_of(Colour::Red, 5, 1))
+        .unwrap();
+    let blue = detector
+        .concept_probability(&scenes_of(Colour::Blue, 5, 2))
+        .unwrap();
+    assert!(red.iter().all(|&p| p > 0.5), "{red:?}");
+    assert!(blue.iter().all(|&p| p < 0.5), "{blue:?}");
+
+    // A fixed detector, so the erase term is known exactly.
+    struct Fixed(Vec<f64>);
+    impl ConceptDetector for Fixed {
+        fn concept_probability(&self, _: &Tensor) -> anyhow::Result<Vec<f64>> {
+            Ok(self.0.clone())
+        }
+    }
+    let images = scenes_of(Colour::Red, 4, 3);
+    let prompts = strings(&[
+        "a red circle",
+        "a red square",
+        "a red triangle",
+        "a red star",
+    ]);
+    let weights = CerWeights::default();
+    let fixed = Fixed(vec![0.9, 0.1, 0.5, 0.0]);
+    let r = concept_erasing_reward(
+        &fixed,
+        &clip,
+        &images,
+        &prompts,
+        &strings(&["red"]),
+        "a shape",
+        &weights,
+    )
+    .unwrap();
+    let erase: Vec<f64> = fixed.0.iter().map(|p| (1.0 - p) - 2.0 * p).collect();
+    assert_eq!(r.erase, erase);
+    assert!(r.align.iter().all(|a| a.is_finite()));
+    let mean_total = r.total.iter().sum::<f64>() / 4.0;
+    assert!(
+        mean_total.abs() < 1e-9,
+        "standardised parts sum to zero: {mean_total}"
+    );
+    // Lower concept probability, higher erase reward: with λ_align = 0 the totals order so.
+    let erase_only = CerWeights {
+        lambda_align: 0.0,
+        ..weights
+    };
+    let r = concept_erasing_reward(
+        &fixed,
+        &clip,
+        &images,
+        &prompts,
+        &[],
+        "a shape",
+        &erase_only,
+    )
+    .unwrap();
+    assert!(r.total[3] > r.total[1] && r.total[1] > r.total[2] && r.total[2] > r.total[0]);
+
+    let broken = Fixed(vec![0.1, f64::NAN, 0.2, 0.3]);
+    let err =
+        concept_erasing_reward(&broken, &clip, &images, &prompts, &[], "", &weights).unwrap_err();
+    assert!(err.to_string().contains("image 1"), "{err}");
 }

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::stats::mean_std;
+
 /// Rewards normalised per prompt, `(r − mean) / (std + 1e-8)`, over the samples that share the
 /// prompt, so easy and hard prompts weigh alike; prompts with fewer than `min_count` samples use
 /// the whole batch's mean and std. Clamped to ±`clip`.
@@ -19,13 +21,7 @@ pub fn advantages(
     if let Some(i) = rewards.iter().position(|r| !r.is_finite()) {
         anyhow::bail!("reward {i} (prompt \"{}\") is {}", prompts[i], rewards[i]);
     }
-    let stats = |values: &[f64]| {
-        let n = values.len() as f64;
-        let mean = values.iter().sum::<f64>() / n;
-        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-        (mean, var.sqrt())
-    };
-    let batch = stats(rewards);
+    let batch = mean_std(rewards);
     let mut groups: HashMap<&str, Vec<f64>> = HashMap::new();
     for (p, &r) in prompts.iter().zip(rewards) {
         groups.entry(p.as_str()).or_default().push(r);
@@ -36,7 +32,7 @@ pub fn advantages(
             (
                 *p,
                 if rs.len() >= min_count {
-                    stats(rs)
+                    mean_std(rs)
                 } else {
                     batch
                 },

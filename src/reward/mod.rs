@@ -1,3 +1,4 @@
 //! Rewards for erasure: concept detectors and image–text alignment.
 
+pub mod cer;
 pub mod clip;
