@@ -170,6 +170,17 @@ impl Geometry {
         (first..end, (first * s + kx).saturating_sub(self.padding))
     }
 
+    /// One image's im2col matrix `[patch_len, out_pixels]`: the image itself for a pointwise
+    /// convolution, otherwise built in `scratch` (reused across calls).
+    fn columns<'a, T: WithDType>(&self, image: &'a [T], scratch: &'a mut Vec<T>) -> &'a [T] {
+        if self.is_pointwise() {
+            return image;
+        }
+        scratch.resize(self.patch_len() * self.out_pixels(), T::zero());
+        self.im2col(image, scratch);
+        scratch
+    }
+
     /// im2col of one image `[c_in, h, w]` into `cols` `[patch_len, out_pixels]`.
     fn im2col<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
         let pixels = self.out_pixels();
@@ -358,15 +369,8 @@ fn conv_forward<T: WithDType>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); g.batch * g.out_len()];
     let (patch, pixels) = (g.patch_len(), g.out_pixels());
     for_each_image(&mut out, g.batch, |b, out_b, par| {
-        let image = &x[b * g.in_len()..(b + 1) * g.in_len()];
         let mut scratch = Vec::new();
-        let cols = if g.is_pointwise() {
-            image
-        } else {
-            scratch.resize(patch * pixels, T::zero());
-            g.im2col(image, &mut scratch);
-            &scratch
-        };
+        let cols = g.columns(&x[b * g.in_len()..(b + 1) * g.in_len()], &mut scratch);
         // out_b[c_out × pixels] = kernel[c_out × patch] · cols[patch × pixels]
         unsafe {
             matmul(
@@ -494,16 +498,10 @@ fn kernel_grad<T: WithDType>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     let mut partial = vec![T::zero(); parts * kernel_len];
     let images_per_part = g.batch.div_ceil(parts);
     for_each_image(&mut partial, parts, |part, acc, par| {
-        let mut scratch = vec![T::zero(); if g.is_pointwise() { 0 } else { patch * pixels }];
+        let mut scratch = Vec::new();
         let first = part * images_per_part;
         for (i, b) in (first..(first + images_per_part).min(g.batch)).enumerate() {
-            let image = &x[b * g.in_len()..(b + 1) * g.in_len()];
-            let cols = if g.is_pointwise() {
-                image
-            } else {
-                g.im2col(image, &mut scratch);
-                &scratch
-            };
+            let cols = g.columns(&x[b * g.in_len()..(b + 1) * g.in_len()], &mut scratch);
             let dy_b = &dy[b * g.out_len()..(b + 1) * g.out_len()];
             // acc[c_out × patch] += dy[c_out × pixels] · colsᵀ[pixels × patch]
             unsafe {

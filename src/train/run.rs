@@ -105,11 +105,14 @@ pub fn seconds_recorded(path: &Path) -> anyhow::Result<f64> {
     if !path.exists() {
         return Ok(0.0);
     }
-    let metadata = checkpoint::read_metadata(path)?;
-    Ok(metadata
+    Ok(seconds_in(&checkpoint::read_metadata(path)?))
+}
+
+fn seconds_in(metadata: &std::collections::HashMap<String, String>) -> f64 {
+    metadata
         .get(SECONDS_KEY)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0.0))
+        .unwrap_or(0.0)
 }
 
 /// Runs `run`, resuming from its checkpoint when one exists. `loss_at(step)` builds the loss
@@ -123,11 +126,7 @@ pub fn train(
 ) -> anyhow::Result<Vec<f64>> {
     let mut seconds_before = 0.0;
     if let Some(path) = run.checkpoint.filter(|p| p.exists()) {
-        let metadata = checkpoint::load(path, opt)?;
-        seconds_before = metadata
-            .get(SECONDS_KEY)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.0);
+        seconds_before = seconds_in(&checkpoint::load(path, opt)?);
     }
     let first = opt.steps() as usize;
     let mut metadata = BTreeMap::from([("run".to_string(), run.name.to_string())]);
