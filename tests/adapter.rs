@@ -5,18 +5,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::fixtures;
+use common::{fixtures, tiny_sd1};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter, SafeDelta};
 use erasure_studio::engine::clip_text::ids_tensor;
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
 use erasure_studio::engine::noise::NoiseStream;
 use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
 use erasure_studio::engine::unet::CrossAttnHook;
-
-fn model() -> StableDiffusion {
-    let source = ModelSource::folder(&fixtures().join("tiny-sd1")).unwrap();
-    StableDiffusion::load(&source, &Device::Cpu, DType::F32).unwrap()
-}
 
 fn request() -> GenerateRequest {
     GenerateRequest {
@@ -59,7 +54,7 @@ fn configs() -> [AdapterConfig; 2] {
 
 #[test]
 fn an_untrained_adapter_leaves_generations_bit_identical() {
-    let sd = model();
+    let sd = tiny_sd1();
     let (_, base) = txt2img(&sd, &request(), SampleHooks::default()).unwrap();
     for config in configs() {
         let adapter = ErasureAdapter::new(&sd.unet, config, 0, DType::F32, &Device::Cpu).unwrap();
@@ -109,7 +104,7 @@ fn max_abs(t: &Tensor) -> f32 {
 
 #[test]
 fn lora_moves_the_leading_tokens_and_the_safe_adapter_the_tail() {
-    let sd = model();
+    let sd = tiny_sd1();
     let ids = sd.tokenizer.encode("a red striped star");
     let context = sd
         .text_encoder
@@ -154,7 +149,7 @@ fn lora_moves_the_leading_tokens_and_the_safe_adapter_the_tail() {
 
 #[test]
 fn a_trained_adapter_acts_on_both_guidance_branches_and_receives_gradients() {
-    let sd = model();
+    let sd = tiny_sd1();
     let adapter = ErasureAdapter::new(
         &sd.unet,
         AdapterConfig::default(),
@@ -198,7 +193,7 @@ fn a_trained_adapter_acts_on_both_guidance_branches_and_receives_gradients() {
 
 #[test]
 fn adapter_files_round_trip_and_refuse_other_models() {
-    let sd = model();
+    let sd = tiny_sd1();
     let config = AdapterConfig {
         safe_delta: SafeDelta::LowRank { rank: 2 },
         ..Default::default()

@@ -1,8 +1,11 @@
 //! The engine's own CPU kernels (im2col convolution, per-channel affine ops) against candle's
 //! reference ops in f64: same values forward, same gradients backward, on awkward shapes.
 
+mod common;
+
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use common::rel_l2;
 use erasure_studio::engine::channel::{add_bias, scale_shift};
 use erasure_studio::engine::conv::Conv2d;
 use erasure_studio::engine::noise::NoiseStream;
@@ -16,16 +19,6 @@ fn randn(rng: &mut NoiseStream, dims: &[usize]) -> Tensor {
         .unwrap()
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let diff = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let norm = b.sqr().unwrap().sum_all().unwrap();
-    let (d, n) = (
-        diff.to_scalar::<f64>().unwrap(),
-        norm.to_scalar::<f64>().unwrap(),
-    );
-    (d / n.max(1e-300)).sqrt()
-}
-
 /// Forward values and the gradients of `Σ y·r` with respect to every var, ours vs reference.
 fn compare(
     ours: &dyn Fn() -> Result<Tensor>,
@@ -36,7 +29,7 @@ fn compare(
 ) {
     let (y, y_ref) = (ours().unwrap(), reference().unwrap());
     assert_eq!(y.dims(), y_ref.dims(), "{what}: output shape");
-    let err = rel_err(&y, &y_ref);
+    let err = rel_l2(&y, &y_ref);
     assert!(err < 1e-12, "{what}: forward rel. err {err:e}");
     let r = randn(rng, y.dims());
     let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -46,7 +39,7 @@ fn compare(
         let g_ref = grads_ref
             .get(var.as_tensor())
             .expect("reference: no gradient");
-        let err = rel_err(g, g_ref);
+        let err = rel_l2(g, g_ref);
         assert!(err < 1e-12, "{what}: gradient {i} rel. err {err:e}");
     }
 }

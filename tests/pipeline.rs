@@ -3,14 +3,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, rel_l2, temp_dir};
+use common::{fixtures, rel_l2, temp_dir, tiny_sd1};
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
 use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
-
-fn model() -> StableDiffusion {
-    let source = ModelSource::folder(&fixtures().join("tiny-sd1")).unwrap();
-    StableDiffusion::load(&source, &Device::Cpu, DType::F32).unwrap()
-}
 
 fn request(prompts: &[&str], seed: u64, eta: f64) -> GenerateRequest {
     GenerateRequest {
@@ -27,7 +22,7 @@ fn request(prompts: &[&str], seed: u64, eta: f64) -> GenerateRequest {
 
 #[test]
 fn seeds_reproduce_and_batch_items_match_single_runs() {
-    let sd = model();
+    let sd = tiny_sd1();
     for eta in [0.0, 1.0] {
         let generate = |prompts: &[&str], seed: u64| {
             txt2img(&sd, &request(prompts, seed, eta), SampleHooks::default()).unwrap()
@@ -54,7 +49,7 @@ fn seeds_reproduce_and_batch_items_match_single_runs() {
 
 #[test]
 fn guidance_and_prompts_change_the_result() {
-    let sd = model();
+    let sd = tiny_sd1();
     let (cat, images) = txt2img(&sd, &request(&["a cat"], 1, 0.0), SampleHooks::default()).unwrap();
     let values = images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(values.iter().all(|v| (0.0..=1.0).contains(v)));
@@ -75,7 +70,7 @@ fn guidance_and_prompts_change_the_result() {
 
 #[test]
 fn img2img_keeps_low_strength_close_to_the_init_image() {
-    let sd = model();
+    let sd = tiny_sd1();
     let req = request(&["a cat"], 3, 0.0);
     let init = Tensor::rand(0f32, 1.0, (1, 3, 24, 32), &Device::Cpu).unwrap();
     let (low, _) = img2img(&sd, &req, &init, 0.25, SampleHooks::default()).unwrap();
@@ -194,7 +189,7 @@ fn half_precision_weights_track_f32() {
     let req = request(&["a cat"], 2, 0.0);
     let (latents_f16, images) = txt2img(&half, &req, SampleHooks::default()).unwrap();
     assert_eq!(images.dtype(), DType::F32);
-    let (latents_f32, _) = txt2img(&model(), &req, SampleHooks::default()).unwrap();
+    let (latents_f32, _) = txt2img(&tiny_sd1(), &req, SampleHooks::default()).unwrap();
     let err = rel_l2(&latents_f16, &latents_f32);
     assert!(
         err > 0.0 && err < 2e-2,
@@ -204,7 +199,7 @@ fn half_precision_weights_track_f32() {
 
 #[test]
 fn progress_is_reported_once_per_step() {
-    let sd = model();
+    let sd = tiny_sd1();
     let calls = std::cell::RefCell::new(Vec::new());
     let record = |done: usize, total: usize| calls.borrow_mut().push((done, total));
     let hooks = SampleHooks {

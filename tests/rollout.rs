@@ -6,17 +6,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::fixtures;
+use common::tiny_sd1;
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter};
-use erasure_studio::engine::model::{ModelSource, StableDiffusion};
+use erasure_studio::engine::StableDiffusion;
 use erasure_studio::engine::noise::NoiseStream;
 use erasure_studio::engine::pipeline::GenerateRequest;
 use erasure_studio::erasure::rollout::{sample, step_log_prob};
-
-fn model() -> StableDiffusion {
-    let source = ModelSource::folder(&fixtures().join("tiny-sd1")).unwrap();
-    StableDiffusion::load(&source, &Device::Cpu, DType::F32).unwrap()
-}
 
 fn request(eta: f64) -> GenerateRequest {
     GenerateRequest {
@@ -29,6 +24,17 @@ fn request(eta: f64) -> GenerateRequest {
         height: 32,
         eta,
     }
+}
+
+fn fresh_adapter(sd: &StableDiffusion) -> ErasureAdapter {
+    ErasureAdapter::new(
+        &sd.unet,
+        AdapterConfig::default(),
+        1,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -44,15 +50,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn recomputed_log_probs_match_the_stored_ones_until_the_adapter_moves() {
-    let sd = model();
-    let adapter = ErasureAdapter::new(
-        &sd.unet,
-        AdapterConfig::default(),
-        1,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let sd = tiny_sd1();
+    let adapter = fresh_adapter(&sd);
     let traj = sample(&sd, &adapter, &request(1.0)).unwrap();
     assert_eq!(traj.steps(), 4);
     assert_eq!(traj.latents.len(), 5);
@@ -103,15 +102,8 @@ fn recomputed_log_probs_match_the_stored_ones_until_the_adapter_moves() {
 
 #[test]
 fn deterministic_sampling_is_refused_with_a_reason() {
-    let sd = model();
-    let adapter = ErasureAdapter::new(
-        &sd.unet,
-        AdapterConfig::default(),
-        1,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let sd = tiny_sd1();
+    let adapter = fresh_adapter(&sd);
     let err = sample(&sd, &adapter, &request(0.0)).err().unwrap();
     assert!(format!("{err}").contains("η > 0"), "{err}");
 }

@@ -12,6 +12,14 @@ pub fn fixtures() -> PathBuf {
         .join("fixtures")
 }
 
+/// The tiny random-weight SD-1-style fixture model, f32 on the CPU.
+pub fn tiny_sd1() -> erasure_studio::engine::StableDiffusion {
+    use erasure_studio::engine::ModelSource;
+    let source = ModelSource::folder(&fixtures().join("tiny-sd1")).unwrap();
+    erasure_studio::engine::StableDiffusion::load(&source, &Device::Cpu, candle_core::DType::F32)
+        .unwrap()
+}
+
 pub fn load(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
