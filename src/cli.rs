@@ -15,6 +15,7 @@ use erasure_studio::demo_world::recipe::{self, Recipe, format_accuracy};
 use erasure_studio::demo_world::{Caption, Scene};
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
 use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
+use erasure_studio::erasure::setup;
 use erasure_studio::images;
 use erasure_studio::parity;
 use rand::SeedableRng;
@@ -100,6 +101,10 @@ enum Commands {
         #[command(subcommand)]
         command: DemoWorldCommand,
     },
+    /// Train an erasure adapter from a preset into a run folder (or continue one).
+    Erase(crate::erasure_cli::EraseArgs),
+    /// Evaluate an erasure on held-out prompts and seeds: erasure rate and preservation.
+    Eval(crate::erasure_cli::EvalArgs),
     /// Time the engine at SD-1.5 size with random weights.
     Bench {
         /// Print one JSON object per line.
@@ -255,6 +260,14 @@ pub fn run() -> anyhow::Result<()> {
                 out.display(),
                 started.elapsed().as_secs_f64()
             );
+        }
+        Commands::Erase(args) => {
+            let device = parse_device(&args.device)?;
+            crate::erasure_cli::erase(args, &device)?
+        }
+        Commands::Eval(args) => {
+            let device = parse_device(&args.device)?;
+            crate::erasure_cli::eval(args, &device)?
         }
         Commands::DemoWorld {
             command: DemoWorldCommand::Preview { seed, count, out },
@@ -454,12 +467,12 @@ fn image_size(
     init_image: Option<&Path>,
 ) -> anyhow::Result<(usize, usize)> {
     let f = sd.vae.config().downscale();
-    let (default_w, default_h) = match (init_image, sd.unet.config().sample_size) {
+    let (default_w, default_h) = match (init_image, sd.native_size()) {
         (Some(path), _) => {
             let (w, h) = images::image_size(path)?;
             (w / f * f, h / f * f)
         }
-        (None, Some((h, w))) => (w * f, h * f),
+        (None, Some((h, w))) => (w, h),
         (None, None) if width.is_some() && height.is_some() => (0, 0),
         (None, None) => {
             bail!("the model's unet/config.json gives no sample_size: pass --width and --height")
@@ -470,10 +483,7 @@ fn image_size(
 
 /// `--model`: a folder or cached repo id; none (or `demo`) means the built-in demo model.
 fn resolve_model(spec: Option<&str>) -> anyhow::Result<ModelSource> {
-    match spec {
-        None | Some("demo") => ModelSource::folder(&erasure_studio::demo_world::demo_model_dir()?),
-        Some(spec) => ModelSource::resolve(spec),
-    }
+    setup::model_source(spec.unwrap_or("demo"))
 }
 
 fn run_case_in_child(

@@ -29,6 +29,7 @@ pub enum SafeDelta {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdapterConfig {
     /// LoRA rank on `to_k` / `to_v` for the leading tokens.
     pub lora_rank: usize,

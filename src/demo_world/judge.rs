@@ -72,6 +72,42 @@ pub struct Judge {
 /// Classes per head, in the order object, colour, fill, background.
 const HEAD_SIZES: [usize; 4] = [5, 6, 4, 3];
 
+/// The judge's heads by attribute name, in head order.
+pub const ATTRIBUTE_NAMES: [&str; 4] = ["object", "colour", "fill", "background"];
+
+impl Attributes {
+    /// The class index of each head, in head order.
+    pub fn indices(&self) -> [usize; 4] {
+        [
+            self.object.index(),
+            self.colour.index(),
+            self.fill.index(),
+            self.background.index(),
+        ]
+    }
+}
+
+/// The (head, class) that `attribute` = `value` names, as in ("object", "star").
+pub fn attribute_value(attribute: &str, value: &str) -> anyhow::Result<(usize, usize)> {
+    let class = match attribute {
+        "object" => Object::from_word(value).map(Object::index),
+        "colour" => Colour::from_word(value).map(Colour::index),
+        "fill" => Fill::from_word(value).map(Fill::index),
+        "background" => Background::from_word(value).map(Background::index),
+        _ => anyhow::bail!(
+            "the demo judge has no attribute `{attribute}`; it reads {}",
+            ATTRIBUTE_NAMES.join(", ")
+        ),
+    };
+    let head = ATTRIBUTE_NAMES
+        .iter()
+        .position(|n| *n == attribute)
+        .expect("matched above");
+    class
+        .map(|c| (head, c))
+        .with_context(|| format!("the demo world has no {attribute} `{value}`"))
+}
+
 impl Judge {
     pub fn new(vb: VarBuilder, config: &JudgeConfig) -> Result<Self> {
         let c0 = config.channels[0];

@@ -91,11 +91,7 @@ pub fn measure(
         .into_iter()
         .flat_map(|a| std::iter::repeat_n(a, settings.per_combination))
         .collect();
-    let size = sd
-        .unet
-        .config()
-        .sample_size
-        .map_or(64, |(h, _)| h * sd.vae.config().downscale());
+    let size = sd.native_size().map_or(64, |(h, _)| h);
     let mut hits = [0usize; 4];
     let mut all_correct = 0;
     for (b, chunk) in wanted.chunks(settings.batch.max(1)).enumerate() {

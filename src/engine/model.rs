@@ -237,4 +237,10 @@ impl StableDiffusion {
             dtype,
         })
     }
+
+    /// The image size (height, width) in pixels the UNet was trained at, if its config says.
+    pub fn native_size(&self) -> Option<(usize, usize)> {
+        let f = self.vae.config().downscale();
+        self.unet.config().sample_size.map(|(h, w)| (h * f, w * f))
+    }
 }

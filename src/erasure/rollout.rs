@@ -11,7 +11,7 @@ use candle_core::{Result, Tensor};
 
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
-use crate::engine::ddim::Ddim;
+use crate::engine::ddim::{Ddim, Transition};
 use crate::engine::noise::BatchNoise;
 use crate::engine::pipeline::{Conditioning, GenerateRequest, latent_shape};
 
@@ -23,7 +23,7 @@ pub struct Trajectories {
     pub conditioning: Conditioning,
     /// x_T, …, x_0: one more than the steps, each [B, C, h, w].
     pub latents: Vec<Tensor>,
-    /// log p(x_{t−1} | x_t) of each step, [B], under the adapter that sampled it.
+    /// Per-dimension log p(x_{t−1} | x_t) of each step, [B], under the adapter that sampled it.
     pub log_probs: Vec<Tensor>,
 }
 
@@ -70,9 +70,7 @@ pub fn sample(
             .detach();
         let step_noise = noise.tensor(&shape, &sd.device)?;
         let step = ddim.step(&out, t, &x, request.eta, Some(&step_noise))?;
-        let log_prob = step
-            .transition
-            .log_prob(&step.prev_sample)?
+        let log_prob = per_dimension_log_prob(&step.transition, &step.prev_sample)?
             .expect("η > 0 gives every step a density");
         log_probs.push(log_prob.detach());
         x = step.prev_sample.detach();
@@ -87,7 +85,19 @@ pub fn sample(
     })
 }
 
-/// log p(x_{t−1} | x_t) [items] of the stored step `step` for batch `items`, under the adapter
+/// log p(x_{t−1} | x_t) divided by the latent's size, as DDPO does. The full log-density
+/// moves by hundreds when the mean shifts a little, so every PPO ratio would leave any sensible
+/// clip range after the first update; per dimension, the clip range means the same at every
+/// image size.
+fn per_dimension_log_prob(transition: &Transition, x_prev: &Tensor) -> Result<Option<Tensor>> {
+    let per_item = x_prev.elem_count() / x_prev.dim(0)?;
+    transition
+        .log_prob(x_prev)?
+        .map(|lp| lp / per_item as f64)
+        .transpose()
+}
+
+/// Per-dimension log p(x_{t−1} | x_t) [items] of the stored step `step` for batch `items`, under the adapter
 /// as it is now, with gradients to its variables. Before any update it equals the stored value
 /// bit for bit when `items` is the whole batch in order; another composition changes the GEMM
 /// tiling and with it the last bits (about 1e-7 relative).
@@ -104,7 +114,7 @@ pub fn step_log_prob(
     let conditioning = traj.conditioning.select(items)?;
     let out = conditioning.predict(&sd.unet, &x, t, Some(adapter))?;
     let transition = traj.ddim.transition(&out, t, &x, traj.request.eta)?;
-    match transition.log_prob(&x_prev)? {
+    match per_dimension_log_prob(&transition, &x_prev)? {
         Some(log_prob) => Ok(log_prob),
         None => candle_core::bail!("step {step} of the trajectory is deterministic"),
     }

@@ -4,6 +4,8 @@
 //! similarity to an anchor text. Without the alignment term a policy learns to fool the
 //! detector with images that no longer show the prompt. `norm` standardises over the batch.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use super::clip::ClipScorer;
@@ -16,13 +18,13 @@ pub trait ConceptDetector {
 }
 
 /// CLIP zero-shot: the probability mass on the concept texts against neutral texts.
-pub struct ClipDetector<'a> {
-    pub clip: &'a ClipScorer,
+pub struct ClipDetector {
+    pub clip: Arc<ClipScorer>,
     pub concept_texts: Vec<String>,
     pub neutral_texts: Vec<String>,
 }
 
-impl ConceptDetector for ClipDetector<'_> {
+impl ConceptDetector for ClipDetector {
     fn concept_probability(&self, images: &Tensor) -> anyhow::Result<Vec<f64>> {
         if self.concept_texts.is_empty() || self.neutral_texts.is_empty() {
             anyhow::bail!("a CLIP concept detector needs concept texts and neutral texts");
@@ -84,7 +86,33 @@ pub fn filter_words(prompt: &str, words: &[String]) -> String {
         .join(" ")
 }
 
-/// The CER of images generated from `prompts`.
+/// Everything the reward needs besides the images: the detector, the CLIP model scoring
+/// alignment, the words to filter, the anchor and the weights.
+pub struct ErasureReward {
+    pub detector: Box<dyn ConceptDetector>,
+    pub clip: Arc<ClipScorer>,
+    pub concept_words: Vec<String>,
+    pub anchor: String,
+    pub weights: CerWeights,
+}
+
+impl ErasureReward {
+    /// The reward of `images` generated from `prompts`.
+    pub fn score(&self, images: &Tensor, prompts: &[String]) -> anyhow::Result<RewardComponents> {
+        concept_erasing_reward(
+            self.detector.as_ref(),
+            &self.clip,
+            images,
+            prompts,
+            &self.concept_words,
+            &self.anchor,
+            &self.weights,
+        )
+    }
+}
+
+/// The CER of images generated from `prompts`. A non-finite detector output is passed through
+/// (it makes the batch's standardised totals non-finite), for the trainer to skip the update.
 pub fn concept_erasing_reward(
     detector: &dyn ConceptDetector,
     clip: &ClipScorer,
@@ -95,12 +123,6 @@ pub fn concept_erasing_reward(
     weights: &CerWeights,
 ) -> anyhow::Result<RewardComponents> {
     let p_concept = detector.concept_probability(images)?;
-    if let Some(i) = p_concept.iter().position(|p| !p.is_finite()) {
-        anyhow::bail!(
-            "the concept detector returned {} for image {i}",
-            p_concept[i]
-        );
-    }
     let erase: Vec<f64> = p_concept
         .iter()
         .map(|p| weights.alpha * (1.0 - p) + weights.beta * p)

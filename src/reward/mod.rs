@@ -2,3 +2,4 @@
 
 pub mod cer;
 pub mod clip;
+pub mod judge;

@@ -97,7 +97,7 @@ pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
 }
 
 /// Checkpoint metadata: seconds spent training up to the checkpoint, over every process.
-const SECONDS_KEY: &str = "seconds";
+pub const SECONDS_KEY: &str = "seconds";
 
 /// Seconds of training a checkpoint at `path` records (0 without one): what a resumed stage
 /// adds to its own time.

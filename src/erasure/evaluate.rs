@@ -1,0 +1,333 @@
+//! Evaluation of an adapter on prompts and seeds that training never saw: how often the judge
+//! still finds the concept on held-out target prompts, and how well neutral and neighbour
+//! prompts keep what the original model drew.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::preset::Preset;
+use super::session::{image_size, spread};
+use crate::adapter::ErasureAdapter;
+use crate::engine::StableDiffusion;
+use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::unet::CrossAttnHook;
+use crate::images;
+use crate::reward::clip::ClipScorer;
+use crate::reward::judge::{Judge, Reading};
+
+/// Evaluation image `i` uses seed `EVAL_SEED + i`: far above every training seed (< 2^32).
+pub const EVAL_SEED: u64 = 1 << 40;
+/// Prompts per sampling batch (each with every seed).
+const PROMPTS_PER_BATCH: usize = 4;
+/// Prompts of each set shown in the comparison grid.
+const GRID_PROMPTS: usize = 6;
+
+/// One prompt set's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetReport {
+    /// `target` (held-out), `neighbours` or `neutral`.
+    pub set: String,
+    pub prompts: Vec<String>,
+    pub images: usize,
+    /// First seed of this set's images; image i of the set used `first_seed + i`.
+    pub first_seed: u64,
+    /// Share of images in which the judge finds the concept.
+    pub concept_rate_original: f64,
+    pub concept_rate_erased: f64,
+    /// Per attribute, the share of images showing what the prompt asked for (over images whose
+    /// prompt names the attribute; absent when none does).
+    pub accuracy_original: BTreeMap<String, f64>,
+    pub accuracy_erased: BTreeMap<String, f64>,
+    /// Per attribute, the share of seeds where the erased image reads as the original does.
+    pub agreement: BTreeMap<String, f64>,
+    /// Mean cosine similarity of CLIP image features, erased vs original at the same seed.
+    pub clip_image_similarity: f64,
+    /// Mean PSNR (dB) of the erased image against the original at the same seed.
+    pub psnr_db: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub preset: String,
+    pub concept: String,
+    pub model: String,
+    pub adapter: String,
+    pub judge: String,
+    pub reward_detector: String,
+    pub seeds_per_prompt: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub image_size: usize,
+    pub sets: Vec<SetReport>,
+    pub seconds: f64,
+}
+
+impl Report {
+    pub fn set(&self, name: &str) -> Option<&SetReport> {
+        self.sets.iter().find(|s| s.set == name)
+    }
+
+    /// A few lines for the terminal.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "{} on {} ({} seeds per prompt, judge: {})\n",
+            self.preset, self.model, self.seeds_per_prompt, self.judge
+        );
+        for s in &self.sets {
+            out.push_str(&format!(
+                "  {:<10} {:>4} images  concept {:5.1}% → {:5.1}%  CLIP sim {:.3}  PSNR {:.1} dB\n",
+                s.set,
+                s.images,
+                100.0 * s.concept_rate_original,
+                100.0 * s.concept_rate_erased,
+                s.clip_image_similarity,
+                s.psnr_db
+            ));
+            for (attr, orig) in &s.accuracy_original {
+                out.push_str(&format!(
+                    "      {attr:<10} accuracy {:5.1}% → {:5.1}%  agreement {:5.1}%\n",
+                    100.0 * orig,
+                    100.0 * s.accuracy_erased[attr],
+                    100.0 * s.agreement[attr]
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// What an evaluation compares and with what.
+pub struct Evaluation<'a> {
+    pub sd: &'a StableDiffusion,
+    pub preset: &'a Preset,
+    pub adapter: &'a ErasureAdapter,
+    pub judge: &'a dyn Judge,
+    pub clip: &'a ClipScorer,
+    pub reward_detector: String,
+    pub adapter_name: String,
+}
+
+impl Evaluation<'_> {
+    /// Generates every set with and without the adapter, grades both, and writes the
+    /// comparison grid to `grid_path`. `progress(done, total)` counts images.
+    pub fn run(
+        &self,
+        grid_path: &Path,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Report> {
+        let started = Instant::now();
+        let spec = &self.preset.evaluation;
+        let (_, held_out) = self.preset.target_split()?;
+        let sets = [
+            ("target", held_out),
+            ("neighbours", self.preset.neighbour_prompts()?),
+            ("neutral", self.preset.neutral_prompts()?),
+        ];
+        let sets: Vec<(&str, Vec<String>)> = sets
+            .into_iter()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(name, p)| (name, spread(&p, spec.max_prompts)))
+            .collect();
+        let total: usize = sets
+            .iter()
+            .map(|(_, p)| 2 * p.len() * spec.seeds_per_prompt)
+            .sum();
+        let mut done = 0;
+        let mut first_seed = EVAL_SEED;
+        let mut reports = Vec::new();
+        let mut grid_rows = Vec::new();
+        let detached = self.adapter.detached();
+        for (name, prompts) in &sets {
+            let mut per_prompt = Vec::new();
+            for prompt in prompts {
+                per_prompt.extend(std::iter::repeat_n(prompt.clone(), spec.seeds_per_prompt));
+            }
+            let mut count = |n: usize| {
+                done += n;
+                progress(done, total);
+            };
+            let original = self.generate(&per_prompt, first_seed, None, &mut count)?;
+            let erased = self.generate(&per_prompt, first_seed, Some(&detached), &mut count)?;
+            reports.push(self.grade(name, prompts, &per_prompt, first_seed, &original, &erased)?);
+            // First seed of the first few prompts: original row above the erased row.
+            let shown: Vec<u32> = (0..prompts.len().min(GRID_PROMPTS))
+                .map(|i| (i * spec.seeds_per_prompt) as u32)
+                .collect();
+            let index = Tensor::new(shown.as_slice(), original.device())?;
+            grid_rows.push(pad_row(&original.index_select(&index, 0)?, GRID_PROMPTS)?);
+            grid_rows.push(pad_row(&erased.index_select(&index, 0)?, GRID_PROMPTS)?);
+            first_seed += per_prompt.len() as u64;
+        }
+        images::save_png(
+            &images::grid(&Tensor::cat(&grid_rows, 0)?, GRID_PROMPTS)?,
+            grid_path,
+        )?;
+        Ok(Report {
+            preset: self.preset.name.clone(),
+            concept: self.preset.concept.clone(),
+            model: self.preset.model.clone(),
+            adapter: self.adapter_name.clone(),
+            judge: self.judge.describe(),
+            reward_detector: self.reward_detector.clone(),
+            seeds_per_prompt: spec.seeds_per_prompt,
+            steps: spec.steps,
+            guidance_scale: self.preset.sampling.guidance_scale,
+            image_size: image_size(self.preset, self.sd)?,
+            sets: reports,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Images for `prompts` (item i with seed `first_seed + i`), deterministic DDIM.
+    fn generate(
+        &self,
+        prompts: &[String],
+        first_seed: u64,
+        hook: Option<&dyn CrossAttnHook>,
+        count: &mut dyn FnMut(usize),
+    ) -> anyhow::Result<Tensor> {
+        let size = image_size(self.preset, self.sd)?;
+        let batch = PROMPTS_PER_BATCH * self.preset.evaluation.seeds_per_prompt;
+        let mut out = Vec::new();
+        for (b, chunk) in prompts.chunks(batch).enumerate() {
+            let request = GenerateRequest {
+                prompts: chunk.to_vec(),
+                negative_prompt: self.preset.sampling.negative_prompt.clone(),
+                seed: first_seed + (b * batch) as u64,
+                steps: self.preset.evaluation.steps,
+                guidance_scale: self.preset.sampling.guidance_scale,
+                width: size,
+                height: size,
+                eta: 0.0,
+            };
+            let hooks = SampleHooks {
+                cross_attn: hook,
+                on_step: None,
+            };
+            out.push(txt2img(self.sd, &request, hooks)?.1);
+            count(chunk.len());
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    fn grade(
+        &self,
+        set: &str,
+        prompts: &[String],
+        per_image: &[String],
+        first_seed: u64,
+        original: &Tensor,
+        erased: &Tensor,
+    ) -> anyhow::Result<SetReport> {
+        let read_orig = self.judge.read(original)?;
+        let read_erased = self.judge.read(erased)?;
+        let names = self.judge.attribute_names();
+        let requested: Vec<Vec<Option<String>>> =
+            per_image.iter().map(|p| self.judge.requested(p)).collect();
+        let rate = |r: &[Reading]| r.iter().filter(|x| x.concept).count() as f64 / r.len() as f64;
+        let mut accuracy_original = BTreeMap::new();
+        let mut accuracy_erased = BTreeMap::new();
+        let mut agreement = BTreeMap::new();
+        for (a, name) in names.iter().enumerate() {
+            let agree = read_orig
+                .iter()
+                .zip(&read_erased)
+                .filter(|(o, e)| o.attributes[a] == e.attributes[a])
+                .count();
+            agreement.insert(name.clone(), agree as f64 / read_orig.len() as f64);
+            let asked: Vec<(usize, &String)> = requested
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r[a].as_ref().map(|v| (i, v)))
+                .collect();
+            if asked.is_empty() {
+                continue;
+            }
+            let hits = |r: &[Reading]| {
+                asked
+                    .iter()
+                    .filter(|(i, v)| &r[*i].attributes[a] == *v)
+                    .count() as f64
+                    / asked.len() as f64
+            };
+            accuracy_original.insert(name.clone(), hits(&read_orig));
+            accuracy_erased.insert(name.clone(), hits(&read_erased));
+        }
+        let feats_orig = self.clip.image_features(original)?;
+        let feats_erased = self.clip.image_features(erased)?;
+        let clip_image_similarity = (feats_orig * feats_erased)?
+            .sum(1)?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64;
+        Ok(SetReport {
+            set: set.to_string(),
+            prompts: prompts.to_vec(),
+            images: per_image.len(),
+            first_seed,
+            concept_rate_original: rate(&read_orig),
+            concept_rate_erased: rate(&read_erased),
+            accuracy_original,
+            accuracy_erased,
+            agreement,
+            clip_image_similarity,
+            psnr_db: mean_psnr(original, erased)?,
+        })
+    }
+}
+
+/// Mean over images of the PSNR of `b` against `a` (both in [0, 1]).
+fn mean_psnr(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+    let mse: Vec<f32> = (a - b)?.sqr()?.flatten_from(1)?.mean(1)?.to_vec1()?;
+    let psnr: Vec<f64> = mse
+        .iter()
+        .map(|&m| -10.0 * (m as f64).max(1e-10).log10())
+        .collect();
+    Ok(psnr.iter().sum::<f64>() / psnr.len() as f64)
+}
+
+/// Pads a row of images with black ones up to `columns`, so every set starts a grid row.
+fn pad_row(images: &Tensor, columns: usize) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = images.dims4()?;
+    if n >= columns {
+        return Ok(images.clone());
+    }
+    let pad = Tensor::zeros((columns - n, c, h, w), images.dtype(), images.device())?;
+    Tensor::cat(&[images, &pad], 0)
+}
+
+/// File names an evaluation writes into its output folder.
+pub const REPORT_FILE: &str = "report.json";
+pub const GRID_FILE: &str = "comparison.png";
+
+/// Loads the model, judge and adapter a preset names and evaluates the adapter, writing
+/// `report.json` and `comparison.png` into `out`.
+pub fn evaluate_adapter(
+    preset: &Preset,
+    adapter_path: &Path,
+    out: &Path,
+    device: &candle_core::Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<Report> {
+    let sd = super::setup::load_model(&preset.model, device)?;
+    let scoring = super::setup::scoring(preset, sd.source.root(), device)?;
+    let adapter = ErasureAdapter::load(adapter_path, &sd.unet, candle_core::DType::F32, device)?;
+    let evaluation = Evaluation {
+        sd: &sd,
+        preset,
+        adapter: &adapter,
+        judge: scoring.judge.as_ref(),
+        clip: &scoring.reward.clip,
+        reward_detector: scoring.reward_detector,
+        adapter_name: adapter_path.display().to_string(),
+    };
+    let report = evaluation.run(&out.join(GRID_FILE), progress)?;
+    crate::fs::write_atomic(
+        &out.join(REPORT_FILE),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    Ok(report)
+}

@@ -1,0 +1,327 @@
+//! An erasure run on disk. `RUN/` holds the resolved preset (`preset.toml`, its `model` the one
+//! actually used), `metrics.jsonl` (one line per finished epoch), before/after sample grids in
+//! `samples/`, the resumable `checkpoint.safetensors`, and at the end `adapter.safetensors`.
+//! Every file is written atomically; a run stopped at any point resumes from its checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use super::preset::Preset;
+use super::setup::{self, Scoring};
+use super::trainer::{EpochMetrics, ErasureTrainer};
+use crate::adapter::ErasureAdapter;
+use crate::engine::StableDiffusion;
+use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::unet::CrossAttnHook;
+use crate::fs::write_atomic;
+use crate::images;
+use crate::train::run::{SECONDS_KEY, seconds_recorded};
+
+/// Seed of the preview grids' first column; far from training (< 2^32) and evaluation seeds.
+const PREVIEW_SEED: u64 = 1 << 41;
+/// Columns of the preview grids: held-out target prompts, then neighbours, then neutral ones.
+const PREVIEW_TARGETS: usize = 4;
+const PREVIEW_OTHERS: usize = 2;
+
+/// The files of a run folder.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+    pub fn preset(&self) -> PathBuf {
+        self.root.join("preset.toml")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+    pub fn checkpoint(&self) -> PathBuf {
+        self.root.join("checkpoint.safetensors")
+    }
+    pub fn adapter(&self) -> PathBuf {
+        self.root.join("adapter.safetensors")
+    }
+    pub fn samples(&self) -> PathBuf {
+        self.root.join("samples")
+    }
+    pub fn report(&self) -> PathBuf {
+        self.root.join("report.json")
+    }
+
+    /// The preset the run was started with.
+    pub fn load_preset(&self) -> anyhow::Result<Preset> {
+        if !self.preset().is_file() {
+            bail!(
+                "{} is not an erasure run folder (no preset.toml)",
+                self.root.display()
+            );
+        }
+        Preset::load(&self.preset())
+    }
+
+    /// The metrics of the finished epochs.
+    pub fn read_metrics(&self) -> anyhow::Result<Vec<EpochMetrics>> {
+        let path = self.metrics();
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        std::fs::read_to_string(&path)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, line)| {
+                serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", path.display(), i + 1))
+            })
+            .collect()
+    }
+
+    fn write_metrics(&self, metrics: &[EpochMetrics]) -> anyhow::Result<()> {
+        let mut text = String::new();
+        for m in metrics {
+            text.push_str(&serde_json::to_string(m)?);
+            text.push('\n');
+        }
+        write_atomic(&self.metrics(), text.as_bytes())
+    }
+}
+
+/// What an erase call reports per epoch and at the end.
+pub trait RunObserver {
+    fn epoch(&mut self, metrics: &EpochMetrics, total_epochs: usize);
+    /// A preview grid was written.
+    fn preview(&mut self, _path: &Path) {}
+}
+
+/// How a run call ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    /// Every epoch done; the adapter is written.
+    Finished { adapter: PathBuf, seconds: f64 },
+    /// Stopped on request after `epochs_done` epochs; the checkpoint holds them.
+    Stopped { epochs_done: usize },
+}
+
+/// Options that are not part of the preset (they change no result).
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// Write a before/after grid every this many epochs (and at the end).
+    pub preview_every: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { preview_every: 5 }
+    }
+}
+
+/// Starts a new run of `preset` in `out` (which must not hold a run already), on `model` or the
+/// preset's own model.
+pub fn start(
+    mut preset: Preset,
+    model: Option<&str>,
+    out: &Path,
+    device: &Device,
+    options: RunOptions,
+    stop: &dyn Fn() -> bool,
+    observer: &mut dyn RunObserver,
+) -> anyhow::Result<RunEnd> {
+    let dir = RunDir::new(out);
+    if dir.preset().exists() {
+        bail!(
+            "{} already holds a run; continue it with `--resume {}` or choose another --out",
+            out.display(),
+            out.display()
+        );
+    }
+    if let Some(model) = model {
+        preset.model = model.to_string();
+    }
+    preset.validate()?;
+    std::fs::create_dir_all(dir.samples())
+        .with_context(|| format!("cannot create run folder {}", out.display()))?;
+    write_atomic(&dir.preset(), preset.to_toml()?.as_bytes())?;
+    execute(&dir, &preset, device, options, stop, observer)
+}
+
+/// Continues the run in `run`, from its checkpoint.
+pub fn resume(
+    run: &Path,
+    device: &Device,
+    options: RunOptions,
+    stop: &dyn Fn() -> bool,
+    observer: &mut dyn RunObserver,
+) -> anyhow::Result<RunEnd> {
+    let dir = RunDir::new(run);
+    let preset = dir.load_preset()?;
+    execute(&dir, &preset, device, options, stop, observer)
+}
+
+/// The prompts of the preview grids' columns.
+pub fn preview_prompts(preset: &Preset) -> anyhow::Result<Vec<String>> {
+    let (_, held_out) = preset.target_split()?;
+    let mut prompts = spread(&held_out, PREVIEW_TARGETS);
+    prompts.extend(spread(&preset.neighbour_prompts()?, PREVIEW_OTHERS));
+    prompts.extend(spread(&preset.neutral_prompts()?, PREVIEW_OTHERS));
+    Ok(prompts)
+}
+
+/// Up to `n` of `items`, drawn by a fixed shuffle (a stride would alias with the order in which
+/// templates expand), kept in their original order.
+pub fn spread(items: &[String], n: usize) -> Vec<String> {
+    if items.len() <= n {
+        return items.to_vec();
+    }
+    let mut picked: Vec<usize> = (0..items.len()).collect();
+    picked.shuffle(&mut ChaCha8Rng::seed_from_u64(0x5eed));
+    picked.truncate(n);
+    picked.sort_unstable();
+    picked.into_iter().map(|i| items[i].clone()).collect()
+}
+
+/// The image side a preset samples at on `sd`.
+pub fn image_size(preset: &Preset, sd: &StableDiffusion) -> anyhow::Result<usize> {
+    match (preset.sampling.size, sd.native_size()) {
+        (Some(size), _) => Ok(size),
+        (None, Some((h, _))) => Ok(h),
+        (None, None) => {
+            bail!("the model gives no native image size; set `sampling.size` in the preset")
+        }
+    }
+}
+
+/// Renders `prompts` (one seed each, from `seed`) deterministically, with `hook` if given.
+pub fn render(
+    sd: &StableDiffusion,
+    preset: &Preset,
+    prompts: &[String],
+    seed: u64,
+    hook: Option<&dyn CrossAttnHook>,
+) -> anyhow::Result<Tensor> {
+    let size = image_size(preset, sd)?;
+    let request = GenerateRequest {
+        prompts: prompts.to_vec(),
+        negative_prompt: preset.sampling.negative_prompt.clone(),
+        seed,
+        steps: preset.evaluation.steps,
+        guidance_scale: preset.sampling.guidance_scale,
+        width: size,
+        height: size,
+        eta: 0.0,
+    };
+    let hooks = SampleHooks {
+        cross_attn: hook,
+        on_step: None,
+    };
+    Ok(txt2img(sd, &request, hooks)?.1)
+}
+
+fn execute(
+    dir: &RunDir,
+    preset: &Preset,
+    device: &Device,
+    options: RunOptions,
+    stop: &dyn Fn() -> bool,
+    observer: &mut dyn RunObserver,
+) -> anyhow::Result<RunEnd> {
+    let sd = setup::load_model(&preset.model, device)?;
+    let Scoring { reward, .. } = setup::scoring(preset, sd.source.root(), device)?;
+    let (train_prompts, _) = preset.target_split()?;
+    let mut trainer = ErasureTrainer::new(
+        &sd,
+        &reward,
+        train_prompts,
+        preset.sampling.clone(),
+        image_size(preset, &sd)?,
+        preset.adapter,
+        preset.ddpo.clone(),
+    )?;
+    let mut earlier_seconds = 0.0;
+    if dir.checkpoint().exists() {
+        trainer.load_checkpoint(&dir.checkpoint())?;
+        earlier_seconds = seconds_recorded(&dir.checkpoint())?;
+        eprintln!(
+            "resuming {} after epoch {}",
+            dir.root.display(),
+            trainer.epochs_done()
+        );
+    }
+    // Epochs after the checkpoint were interrupted before it was written: they run again.
+    let mut metrics: Vec<EpochMetrics> = dir
+        .read_metrics()?
+        .into_iter()
+        .filter(|m| m.epoch <= trainer.epochs_done())
+        .collect();
+    dir.write_metrics(&metrics)?;
+
+    let preview = preview_prompts(preset)?;
+    let original_grid = dir.samples().join("original.png");
+    let originals = render(&sd, preset, &preview, PREVIEW_SEED, None)?;
+    if !original_grid.exists() {
+        images::save_png(&images::grid(&originals, preview.len())?, &original_grid)?;
+        let listing = preview.join("\n") + "\n";
+        write_atomic(&dir.samples().join("prompts.txt"), listing.as_bytes())?;
+    }
+
+    let started = Instant::now();
+    let seconds = |started: &Instant| earlier_seconds + started.elapsed().as_secs_f64();
+    let save = |trainer: &ErasureTrainer, seconds: f64| {
+        let meta = BTreeMap::from([(SECONDS_KEY.to_string(), format!("{seconds:.3}"))]);
+        trainer.save_checkpoint(&dir.checkpoint(), meta)
+    };
+    let total = preset.ddpo.epochs;
+    while trainer.epochs_done() < total {
+        let Some(m) = trainer.run_epoch(stop)? else {
+            save(&trainer, seconds(&started))?;
+            return Ok(RunEnd::Stopped {
+                epochs_done: trainer.epochs_done(),
+            });
+        };
+        metrics.push(m.clone());
+        save(&trainer, seconds(&started))?;
+        dir.write_metrics(&metrics)?;
+        observer.epoch(&m, total);
+        let done = trainer.epochs_done();
+        if done % options.preview_every.max(1) == 0 || done == total {
+            let path = dir.samples().join(format!("epoch-{done:04}.png"));
+            write_preview(&sd, preset, &preview, &originals, trainer.adapter(), &path)?;
+            observer.preview(&path);
+        }
+        if stop() {
+            return Ok(RunEnd::Stopped { epochs_done: done });
+        }
+    }
+    trainer.ensure_finite()?;
+    trainer.adapter().save(&dir.adapter(), &sd.unet)?;
+    Ok(RunEnd::Finished {
+        adapter: dir.adapter(),
+        seconds: seconds(&started),
+    })
+}
+
+/// Two rows: the original model's previews above, the adapter's below, same seeds.
+fn write_preview(
+    sd: &StableDiffusion,
+    preset: &Preset,
+    prompts: &[String],
+    originals: &Tensor,
+    adapter: &ErasureAdapter,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let erased = render(sd, preset, prompts, PREVIEW_SEED, Some(&adapter.detached()))?;
+    let both = Tensor::cat(&[originals, &erased], 0)?;
+    images::save_png(&images::grid(&both, prompts.len())?, path)
+}

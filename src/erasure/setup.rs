@@ -1,0 +1,175 @@
+//! Turns a preset into loaded parts: the model, the reward (detector + alignment CLIP) and the
+//! evaluation judge. Model and CLIP names resolve the same way everywhere: `demo`, a folder, or
+//! a repo id in the Hugging Face cache.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+
+use super::preset::{DetectorSpec, Preset};
+use crate::demo_world::demo_model_dir;
+use crate::demo_world::judge::Judge as DemoJudgeNet;
+use crate::engine::StableDiffusion;
+use crate::engine::model::{ModelSource, hf_cache_snapshot};
+use crate::reward::cer::{ClipDetector, ConceptDetector, ErasureReward};
+use crate::reward::clip::ClipScorer;
+use crate::reward::judge::{DemoJudge, Judge, ThresholdJudge};
+
+/// A model by name: `demo` (the built-in demo model), a diffusers folder, or a cached repo id.
+pub fn model_source(spec: &str) -> anyhow::Result<ModelSource> {
+    match spec {
+        "demo" => ModelSource::folder(&demo_model_dir()?),
+        spec => ModelSource::resolve(spec),
+    }
+}
+
+/// Loads the model named by `spec` in f32.
+pub fn load_model(spec: &str, device: &Device) -> anyhow::Result<StableDiffusion> {
+    StableDiffusion::load(&model_source(spec)?, device, DType::F32)
+        .with_context(|| format!("loading model `{spec}`"))
+}
+
+/// The folder a CLIP name points at: `model` is the model's own `clip/` folder.
+fn clip_folder(spec: &str, model_root: &Path) -> anyhow::Result<PathBuf> {
+    if spec == "model" {
+        let dir = model_root.join("clip");
+        if !dir.is_dir() {
+            bail!(
+                "the preset asks for the model's own CLIP (`model`), but {} has no clip/ folder; \
+                 name a CLIP model folder or a cached repo id such as openai/clip-vit-large-patch14",
+                model_root.display()
+            );
+        }
+        return Ok(dir);
+    }
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(snapshot) = hf_cache_snapshot(spec)? {
+        return Ok(snapshot);
+    }
+    bail!(
+        "CLIP model `{spec}` is neither a folder nor a repo in the Hugging Face cache; \
+         download it with `huggingface-cli download {spec}` on a machine with internet access"
+    )
+}
+
+/// Loads each CLIP model once, however many parts use it.
+struct ClipCache<'a> {
+    model_root: &'a Path,
+    device: &'a Device,
+    loaded: HashMap<PathBuf, Arc<ClipScorer>>,
+}
+
+impl ClipCache<'_> {
+    fn get(&mut self, spec: &str) -> anyhow::Result<Arc<ClipScorer>> {
+        let dir = clip_folder(spec, self.model_root)?;
+        if let Some(clip) = self.loaded.get(&dir) {
+            return Ok(clip.clone());
+        }
+        let clip = Arc::new(
+            ClipScorer::load(&dir, self.device)
+                .with_context(|| format!("loading CLIP model {}", dir.display()))?,
+        );
+        self.loaded.insert(dir, clip.clone());
+        Ok(clip)
+    }
+}
+
+fn demo_judge(
+    model_root: &Path,
+    device: &Device,
+    attribute: &str,
+    value: &str,
+) -> anyhow::Result<DemoJudge> {
+    let dir = model_root.join("judge");
+    if !dir.is_dir() {
+        bail!(
+            "the preset uses the demo judge, but {} has no judge/ folder: demo presets need the demo model",
+            model_root.display()
+        );
+    }
+    DemoJudge::new(DemoJudgeNet::load(&dir, device)?, attribute, value)
+}
+
+fn detector(
+    spec: &DetectorSpec,
+    clips: &mut ClipCache,
+) -> anyhow::Result<(Box<dyn ConceptDetector>, String)> {
+    Ok(match spec {
+        DetectorSpec::Clip {
+            model,
+            concept_texts,
+            neutral_texts,
+            ..
+        } => (
+            Box::new(ClipDetector {
+                clip: clips.get(model)?,
+                concept_texts: concept_texts.clone(),
+                neutral_texts: neutral_texts.clone(),
+            }),
+            format!("CLIP zero-shot ({model}) on {concept_texts:?} against {neutral_texts:?}"),
+        ),
+        DetectorSpec::Nudenet { model, .. } => bail!(
+            "the NudeNet detector ({}) is not available in this build yet",
+            model.display()
+        ),
+        DetectorSpec::DemoJudge { attribute, value } => (
+            Box::new(demo_judge(
+                clips.model_root,
+                clips.device,
+                attribute,
+                value,
+            )?),
+            format!("demo judge ({attribute} = {value})"),
+        ),
+    })
+}
+
+/// The reward and the judge a preset describes, for a model in `model_root`.
+pub struct Scoring {
+    pub reward: ErasureReward,
+    pub reward_detector: String,
+    pub judge: Box<dyn Judge>,
+}
+
+pub fn scoring(preset: &Preset, model_root: &Path, device: &Device) -> anyhow::Result<Scoring> {
+    let mut clips = ClipCache {
+        model_root,
+        device,
+        loaded: HashMap::new(),
+    };
+    let (reward_detector, reward_name) =
+        detector(&preset.reward.detector, &mut clips).context("field `reward.detector`")?;
+    let reward = ErasureReward {
+        detector: reward_detector,
+        clip: clips
+            .get(&preset.reward.clip)
+            .context("field `reward.clip`")?,
+        concept_words: preset.prompts.filter_words.clone(),
+        anchor: preset.prompts.anchor.clone(),
+        weights: preset.reward.weights(),
+    };
+    let judge: Box<dyn Judge> = match &preset.judge {
+        DetectorSpec::DemoJudge { attribute, value } => {
+            Box::new(demo_judge(model_root, device, attribute, value)?)
+        }
+        spec @ (DetectorSpec::Clip { threshold, .. } | DetectorSpec::Nudenet { threshold, .. }) => {
+            let (detector, name) = detector(spec, &mut clips).context("field `judge`")?;
+            Box::new(ThresholdJudge {
+                detector,
+                threshold: *threshold,
+                name,
+            })
+        }
+    };
+    Ok(Scoring {
+        reward,
+        reward_detector: reward_name,
+        judge,
+    })
+}

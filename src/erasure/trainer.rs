@@ -1,0 +1,586 @@
+//! The DDPO epoch: sample stochastic trajectories through the adapter, score the final images
+//! with the concept-erasing reward, turn rewards into per-prompt advantages, then take PPO steps
+//! on a random subset of each trajectory's denoising steps.
+//!
+//! Everything random in epoch `e` is drawn from `(seed, e)`, so a run resumed from the
+//! checkpoint after epoch `e` continues exactly as the uninterrupted run would (for the same
+//! thread count, which decides how sums are split).
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+use rand::Rng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::ppo::{advantages, clipped_loss};
+use super::preset::SamplingSpec;
+use super::rollout::{self, Trajectories};
+use crate::adapter::{AdapterConfig, ErasureAdapter};
+use crate::engine::StableDiffusion;
+use crate::engine::pipeline::{GenerateRequest, decode_images};
+use crate::reward::cer::{ErasureReward, RewardComponents};
+use crate::stats::mean_std;
+use crate::train::run::{sorted_params, step_rng};
+use crate::train::{AdamW, AdamWConfig, StepOutcome, checkpoint};
+
+/// DDPO's hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DdpoConfig {
+    pub epochs: usize,
+    /// Trajectories sampled (and later scored again) together; the PPO ratio is exact only when
+    /// a batch is rescored as it was sampled, so this is also the training batch.
+    pub batch_size: usize,
+    pub batches_per_epoch: usize,
+    /// Each drawn prompt is sampled this many times per epoch.
+    pub samples_per_prompt: usize,
+    /// What rewards are normalised against to make advantages.
+    pub baseline: Baseline,
+    /// Passes over each epoch's samples.
+    pub inner_epochs: usize,
+    /// Share of the denoising steps, counted from the noisiest, that training may pick from.
+    /// What an image shows is decided in the first steps; later steps only refine it, so
+    /// their log-probabilities add noise to the gradient and little else. 1 keeps every step
+    /// (as DDPO does).
+    pub early_steps: f64,
+    /// Share of those steps trained on per inner epoch, drawn at random.
+    pub timestep_fraction: f64,
+    /// Optimiser steps per inner epoch; the backward passes in between accumulate.
+    pub updates_per_inner_epoch: usize,
+    /// PPO clip range ε on the probability ratio.
+    pub clip_range: f64,
+    /// Advantages are clamped to ±this.
+    pub advantage_clip: f64,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+}
+
+impl Default for DdpoConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 40,
+            batch_size: 8,
+            batches_per_epoch: 2,
+            samples_per_prompt: 4,
+            baseline: Baseline::Prompt,
+            inner_epochs: 1,
+            early_steps: 1.0,
+            timestep_fraction: 0.5,
+            updates_per_inner_epoch: 2,
+            clip_range: 1e-4,
+            advantage_clip: 5.0,
+            learning_rate: 3e-4,
+            weight_decay: 1e-4,
+            max_grad_norm: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl DdpoConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let checks = [
+            (self.epochs > 0, "ddpo.epochs", "must be at least 1"),
+            (self.batch_size > 0, "ddpo.batch_size", "must be at least 1"),
+            (
+                self.batches_per_epoch > 0,
+                "ddpo.batches_per_epoch",
+                "must be at least 1",
+            ),
+            (
+                self.samples_per_prompt > 0
+                    && (self.batch_size * self.batches_per_epoch) % self.samples_per_prompt == 0,
+                "ddpo.samples_per_prompt",
+                "must be at least 1 and divide batch_size × batches_per_epoch",
+            ),
+            (
+                self.inner_epochs > 0,
+                "ddpo.inner_epochs",
+                "must be at least 1",
+            ),
+            (
+                self.early_steps > 0.0 && self.early_steps <= 1.0,
+                "ddpo.early_steps",
+                "must be in (0, 1]",
+            ),
+            (
+                self.timestep_fraction > 0.0 && self.timestep_fraction <= 1.0,
+                "ddpo.timestep_fraction",
+                "must be in (0, 1]",
+            ),
+            (
+                self.updates_per_inner_epoch > 0,
+                "ddpo.updates_per_inner_epoch",
+                "must be at least 1",
+            ),
+            (self.clip_range > 0.0, "ddpo.clip_range", "must be > 0"),
+            (
+                self.advantage_clip > 0.0,
+                "ddpo.advantage_clip",
+                "must be > 0",
+            ),
+            (
+                self.learning_rate > 0.0 && self.learning_rate.is_finite(),
+                "ddpo.learning_rate",
+                "must be a positive number",
+            ),
+            (self.weight_decay >= 0.0, "ddpo.weight_decay", "must be ≥ 0"),
+            (
+                self.max_grad_norm > 0.0,
+                "ddpo.max_grad_norm",
+                "must be > 0",
+            ),
+        ];
+        for (ok, field, what) in checks {
+            if !ok {
+                anyhow::bail!("field `{field}` {what}");
+            }
+        }
+        Ok(())
+    }
+
+    fn samples_per_epoch(&self) -> usize {
+        self.batch_size * self.batches_per_epoch
+    }
+}
+
+/// How advantages are normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    /// Over the samples of the same prompt (DDPO's per-prompt statistics), so easy and hard
+    /// prompts weigh alike.
+    Prompt,
+    /// Over the whole epoch. Better when the detector saturates: a prompt whose samples all
+    /// show the concept then gets advantages near zero instead of its noise scaled up to ±1.
+    Batch,
+}
+
+/// Mean and standard deviation over an epoch's samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub mean: f64,
+    pub std: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Self {
+        let (mean, std) = mean_std(values);
+        Self { mean, std }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based: the epoch just finished.
+    pub epoch: usize,
+    pub p_concept: Spread,
+    pub reward_erase: Spread,
+    pub reward_align: Spread,
+    pub reward_total: Spread,
+    /// Mean PPO loss over the backward passes taken.
+    pub loss: f64,
+    pub clip_fraction: f64,
+    pub approx_kl: f64,
+    /// Mean gradient norm (before clipping) of the applied updates.
+    pub grad_norm: f64,
+    pub updates: usize,
+    /// Updates and backward passes dropped because a reward, loss or gradient was not finite.
+    pub skipped_updates: usize,
+    pub skipped_losses: usize,
+    /// Why the epoch took no training step at all, if it did not.
+    pub skipped_reason: Option<String>,
+    pub seconds_sampling: f64,
+    pub seconds_reward: f64,
+    pub seconds_training: f64,
+    pub seconds: f64,
+}
+
+/// A DDPO run in memory: the adapter, its optimiser and the epochs done.
+pub struct ErasureTrainer<'a> {
+    sd: &'a StableDiffusion,
+    reward: &'a ErasureReward,
+    prompts: Vec<String>,
+    sampling: SamplingSpec,
+    size: usize,
+    config: DdpoConfig,
+    adapter: ErasureAdapter,
+    opt: AdamW,
+    epochs_done: usize,
+}
+
+/// Checkpoint metadata key for the epochs a checkpoint has done.
+const EPOCH_KEY: &str = "epochs_done";
+
+impl<'a> ErasureTrainer<'a> {
+    /// A fresh adapter for `sd`, to be trained on `prompts` at `size`×`size` pixels.
+    pub fn new(
+        sd: &'a StableDiffusion,
+        reward: &'a ErasureReward,
+        prompts: Vec<String>,
+        sampling: SamplingSpec,
+        size: usize,
+        adapter_config: AdapterConfig,
+        config: DdpoConfig,
+    ) -> anyhow::Result<Self> {
+        config.validate()?;
+        if prompts.is_empty() {
+            anyhow::bail!("no training prompts");
+        }
+        let adapter = ErasureAdapter::new(
+            &sd.unet,
+            adapter_config,
+            config.seed,
+            DType::F32,
+            &sd.device,
+        )?;
+        let opt = AdamW::new(
+            sorted_params(adapter.vars()),
+            AdamWConfig {
+                lr: config.learning_rate,
+                weight_decay: config.weight_decay,
+                max_grad_norm: Some(config.max_grad_norm),
+                ..Default::default()
+            },
+        )?;
+        Ok(Self {
+            sd,
+            reward,
+            prompts,
+            sampling,
+            size,
+            config,
+            adapter,
+            opt,
+            epochs_done: 0,
+        })
+    }
+
+    pub fn adapter(&self) -> &ErasureAdapter {
+        &self.adapter
+    }
+
+    pub fn epochs_done(&self) -> usize {
+        self.epochs_done
+    }
+
+    pub fn config(&self) -> &DdpoConfig {
+        &self.config
+    }
+
+    /// Saves adapter, optimiser state and epochs done. Refuses to write non-finite weights.
+    pub fn save_checkpoint(
+        &self,
+        path: &Path,
+        mut metadata: std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        self.ensure_finite()?;
+        metadata.insert(EPOCH_KEY.into(), self.epochs_done.to_string());
+        checkpoint::save(path, &self.opt, &metadata)
+    }
+
+    /// Restores a checkpoint written by [`save_checkpoint`](Self::save_checkpoint); returns its
+    /// metadata.
+    pub fn load_checkpoint(
+        &mut self,
+        path: &Path,
+    ) -> anyhow::Result<std::collections::HashMap<String, String>> {
+        let metadata = checkpoint::load(path, &mut self.opt)?;
+        self.epochs_done = metadata
+            .get(EPOCH_KEY)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no `{EPOCH_KEY}` in the metadata; not an erasure checkpoint",
+                    path.display()
+                )
+            })?;
+        Ok(metadata)
+    }
+
+    /// Errors if any adapter weight is NaN or infinite, so such weights are never saved.
+    pub fn ensure_finite(&self) -> anyhow::Result<()> {
+        for (name, var) in self.opt.params() {
+            let sum = var
+                .as_tensor()
+                .to_dtype(DType::F64)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            if !sum.is_finite() {
+                anyhow::bail!("adapter weight `{name}` is not finite; refusing to save it");
+            }
+        }
+        Ok(())
+    }
+
+    /// One DDPO epoch. `stop` is polled between batches and backward passes; when it returns
+    /// true the epoch is abandoned, the adapter left as it was before it, and `None` returned.
+    pub fn run_epoch(&mut self, stop: &dyn Fn() -> bool) -> anyhow::Result<Option<EpochMetrics>> {
+        let started = Instant::now();
+        let c = self.config.clone();
+        let mut rng = step_rng(c.seed, self.epochs_done);
+        let epoch_prompts = self.draw_prompts(&mut rng);
+
+        let mut batches = Vec::with_capacity(c.batches_per_epoch);
+        let mut images = Vec::with_capacity(c.batches_per_epoch);
+        for prompts in epoch_prompts.chunks(c.batch_size) {
+            if stop() {
+                return Ok(None);
+            }
+            let request = GenerateRequest {
+                prompts: prompts.to_vec(),
+                negative_prompt: self.sampling.negative_prompt.clone(),
+                // Training seeds stay below 2^32; evaluation seeds start at 2^40.
+                seed: u64::from(rng.random::<u32>()),
+                steps: self.sampling.steps,
+                guidance_scale: self.sampling.guidance_scale,
+                width: self.size,
+                height: self.size,
+                eta: self.sampling.eta,
+            };
+            let trajectories = rollout::sample(self.sd, &self.adapter, &request)?;
+            images.push(decode_images(self.sd, trajectories.final_latents())?);
+            batches.push(trajectories);
+        }
+        let seconds_sampling = started.elapsed().as_secs_f64();
+
+        let reward_started = Instant::now();
+        let rewards = self
+            .reward
+            .score(&Tensor::cat(&images, 0)?, &epoch_prompts)?;
+        let seconds_reward = reward_started.elapsed().as_secs_f64();
+
+        let mut metrics = EpochMetrics {
+            epoch: self.epochs_done + 1,
+            p_concept: Spread::of(&rewards.p_concept),
+            reward_erase: Spread::of(&rewards.erase),
+            reward_align: Spread::of(&rewards.align),
+            reward_total: Spread::of(&rewards.total),
+            loss: f64::NAN,
+            clip_fraction: f64::NAN,
+            approx_kl: f64::NAN,
+            grad_norm: f64::NAN,
+            updates: 0,
+            skipped_updates: 0,
+            skipped_losses: 0,
+            skipped_reason: None,
+            seconds_sampling,
+            seconds_reward,
+            seconds_training: 0.0,
+            seconds: 0.0,
+        };
+        let training_started = Instant::now();
+        match finite_rewards(&rewards) {
+            Err(reason) => {
+                eprintln!(
+                    "epoch {}: {reason}; no update this epoch",
+                    self.epochs_done + 1
+                );
+                metrics.skipped_reason = Some(reason);
+            }
+            Ok(()) => {
+                let adv = advantages(
+                    &epoch_prompts,
+                    &rewards.total,
+                    match c.baseline {
+                        Baseline::Prompt => c.samples_per_prompt,
+                        Baseline::Batch => usize::MAX,
+                    },
+                    c.advantage_clip,
+                )?;
+                if !self.train_on(&batches, &adv, &mut rng, &mut metrics, stop)? {
+                    return Ok(None);
+                }
+            }
+        }
+        metrics.seconds_training = training_started.elapsed().as_secs_f64();
+        metrics.seconds = started.elapsed().as_secs_f64();
+        self.epochs_done += 1;
+        Ok(Some(metrics))
+    }
+
+    /// The epoch's prompts, each repeated `samples_per_prompt` times, adjacent: distinct
+    /// prompts while the training set has enough, then drawn again.
+    fn draw_prompts(&self, rng: &mut impl Rng) -> Vec<String> {
+        let c = &self.config;
+        let distinct = c.samples_per_epoch() / c.samples_per_prompt;
+        let mut order: Vec<usize> = Vec::with_capacity(distinct);
+        while order.len() < distinct {
+            let mut all: Vec<usize> = (0..self.prompts.len()).collect();
+            all.shuffle(rng);
+            order.extend(all.into_iter().take(distinct - order.len()));
+        }
+        order
+            .into_iter()
+            .flat_map(|i| std::iter::repeat_n(self.prompts[i].clone(), c.samples_per_prompt))
+            .collect()
+    }
+
+    /// The PPO passes over an epoch's batches. Returns false if `stop` interrupted them; the
+    /// weights and optimiser are then put back as they were before the epoch.
+    fn train_on(
+        &mut self,
+        batches: &[Trajectories],
+        adv: &[f64],
+        rng: &mut impl Rng,
+        metrics: &mut EpochMetrics,
+        stop: &dyn Fn() -> bool,
+    ) -> anyhow::Result<bool> {
+        let c = self.config.clone();
+        let eligible = ((self.sampling.steps as f64 * c.early_steps).ceil() as usize)
+            .clamp(1, self.sampling.steps);
+        let trained_steps =
+            ((eligible as f64 * c.timestep_fraction).ceil() as usize).clamp(1, eligible);
+        let (mut losses, mut clip_fractions, mut kls, mut norms) = (vec![], vec![], vec![], vec![]);
+        let snapshot = self.snapshot()?;
+        for _ in 0..c.inner_epochs {
+            let mut order: Vec<usize> = (0..eligible).collect();
+            order.shuffle(rng);
+            // Every (timestep, batch) pair is one backward pass.
+            let passes: Vec<(usize, usize)> = order[..trained_steps]
+                .iter()
+                .flat_map(|&step| (0..batches.len()).map(move |b| (step, b)))
+                .collect();
+            let groups = c.updates_per_inner_epoch.min(passes.len());
+            for group in split_evenly(&passes, groups) {
+                let mut accumulated = GradStore::default();
+                for &(step, b) in group {
+                    if stop() {
+                        self.restore(snapshot)?;
+                        return Ok(false);
+                    }
+                    let traj = &batches[b];
+                    let n = traj.request.prompts.len();
+                    let items = Tensor::arange(0u32, n as u32, &self.sd.device)?;
+                    let offset = b * c.batch_size;
+                    let batch_adv = Tensor::new(&adv[offset..offset + n], &self.sd.device)?;
+                    let new = rollout::step_log_prob(self.sd, &self.adapter, traj, step, &items)?;
+                    let (loss, stats) =
+                        clipped_loss(&new, &traj.log_probs[step], &batch_adv, c.clip_range)?;
+                    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    if !value.is_finite() {
+                        eprintln!("PPO loss is {value} at step {step}; pass skipped");
+                        metrics.skipped_losses += 1;
+                        continue;
+                    }
+                    losses.push(value);
+                    clip_fractions.push(stats.clip_fraction);
+                    kls.push(stats.approx_kl);
+                    let grads = (loss / group.len() as f64)?.backward()?;
+                    self.accumulate(&mut accumulated, &grads)?;
+                }
+                match self.opt.step(&accumulated)? {
+                    StepOutcome::Applied { grad_norm } => {
+                        metrics.updates += 1;
+                        norms.push(grad_norm);
+                    }
+                    StepOutcome::SkippedNonFinite => {
+                        eprintln!("non-finite gradient; update skipped");
+                        metrics.skipped_updates += 1;
+                    }
+                }
+            }
+        }
+        let mean = |v: &[f64]| {
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
+        };
+        metrics.loss = mean(&losses);
+        metrics.clip_fraction = mean(&clip_fractions);
+        metrics.approx_kl = mean(&kls);
+        metrics.grad_norm = mean(&norms);
+        Ok(true)
+    }
+
+    /// A copy of the weights and optimiser state, to undo a partly trained epoch.
+    fn snapshot(&self) -> candle_core::Result<Snapshot> {
+        Ok(Snapshot {
+            weights: self
+                .opt
+                .params()
+                .map(|(_, var)| var.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+            state: self.opt.state(),
+            steps: self.opt.steps(),
+        })
+    }
+
+    fn restore(&mut self, snapshot: Snapshot) -> candle_core::Result<()> {
+        for ((_, var), saved) in self.opt.params().zip(&snapshot.weights) {
+            var.set(saved)?;
+        }
+        self.opt.restore(&snapshot.state, snapshot.steps)
+    }
+
+    /// Adds the adapter variables' gradients in `grads` to `into` (other tensors' gradients,
+    /// which a backward pass also returns, are dropped).
+    fn accumulate(&self, into: &mut GradStore, grads: &GradStore) -> candle_core::Result<()> {
+        for (_, var) in self.opt.params() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let sum = match into.get(var.as_tensor()) {
+                Some(prev) => (prev + g)?,
+                None => g.detach(),
+            };
+            into.insert(var.as_tensor(), sum);
+        }
+        Ok(())
+    }
+}
+
+struct Snapshot {
+    weights: Vec<Tensor>,
+    state: std::collections::HashMap<String, crate::train::adamw::SlotState>,
+    steps: u64,
+}
+
+fn finite_rewards(r: &RewardComponents) -> Result<(), String> {
+    for (name, values) in [
+        ("P(concept)", &r.p_concept),
+        ("erase reward", &r.erase),
+        ("alignment reward", &r.align),
+        ("total reward", &r.total),
+    ] {
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(format!("{name} of sample {i} is {}", values[i]));
+        }
+    }
+    Ok(())
+}
+
+/// `items` in `groups` consecutive runs whose lengths differ by at most one.
+fn split_evenly<T>(items: &[T], groups: usize) -> Vec<&[T]> {
+    let mut out = Vec::with_capacity(groups);
+    let mut start = 0;
+    for g in 0..groups {
+        let end = (items.len() * (g + 1)) / groups;
+        out.push(&items[start..end]);
+        start = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_split_into_groups_of_nearly_equal_length() {
+        let items: Vec<usize> = (0..10).collect();
+        let lens: Vec<usize> = split_evenly(&items, 3).iter().map(|g| g.len()).collect();
+        assert_eq!(lens, [3, 3, 4]);
+        assert_eq!(split_evenly(&items, 1)[0], &items[..]);
+        assert_eq!(split_evenly(&items, 3).concat(), items);
+    }
+}

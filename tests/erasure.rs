@@ -1,0 +1,417 @@
+//! The erasure trainer end to end on the demo model: presets, a micro DDPO run whose reward
+//! rises, resuming after an interruption (in process and by Ctrl-C to the CLI), and evaluation.
+
+mod common;
+
+use std::cell::Cell;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use erasure_studio::adapter::ErasureAdapter;
+use erasure_studio::demo_world::judge::Judge as JudgeNet;
+use erasure_studio::erasure::evaluate::{self, EVAL_SEED};
+use erasure_studio::erasure::preset::{self, Preset, presets_dir};
+use erasure_studio::erasure::session::{self, RunDir, RunEnd, RunObserver, RunOptions};
+use erasure_studio::erasure::setup;
+use erasure_studio::erasure::trainer::{Baseline, DdpoConfig, EpochMetrics, ErasureTrainer};
+use erasure_studio::reward::cer::{CerWeights, ErasureReward};
+use erasure_studio::reward::clip::ClipScorer;
+use erasure_studio::reward::judge::{DemoJudge, Judge};
+
+/// The demo-star preset cut down to seconds: 3 denoising steps (2 trained), 2 × 2 samples per
+/// epoch.
+fn micro_preset(epochs: usize) -> Preset {
+    let mut p = preset::find("demo-star").unwrap();
+    p.sampling.steps = 3;
+    p.evaluation.steps = 3;
+    p.evaluation.seeds_per_prompt = 2;
+    p.evaluation.max_prompts = 2;
+    p.ddpo = DdpoConfig {
+        epochs,
+        batch_size: 2,
+        batches_per_epoch: 2,
+        samples_per_prompt: 2,
+        timestep_fraction: 0.5,
+        updates_per_inner_epoch: 2,
+        learning_rate: 1e-2,
+        ..DdpoConfig::default()
+    };
+    p.validate().unwrap();
+    p
+}
+
+struct Quiet;
+impl RunObserver for Quiet {
+    fn epoch(&mut self, _: &EpochMetrics, _: usize) {}
+}
+
+#[test]
+fn shipped_presets_parse_and_hold_out_prompts() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(presets_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let preset = Preset::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert_eq!(
+            Some(preset.name.as_str()),
+            path.file_stem().and_then(|s| s.to_str()),
+            "a preset is named after its file"
+        );
+        let (train, held_out) = preset.target_split().unwrap();
+        assert!(held_out.len() * 3 >= train.len() / 2, "{}", preset.name);
+        assert!(train.iter().all(|p| !held_out.contains(p)));
+        // Round trip: what a run records reads back the same.
+        assert_eq!(Preset::parse(&preset.to_toml().unwrap()).unwrap(), preset);
+        names.push(preset.name);
+    }
+    names.sort();
+    for wanted in [
+        "church",
+        "demo-star",
+        "demo-striped",
+        "nudity",
+        "parachute",
+        "van-gogh",
+    ] {
+        assert!(
+            names.iter().any(|n| n == wanted),
+            "{wanted} missing: {names:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_presets_are_refused_with_the_field_named() {
+    let good = std::fs::read_to_string(presets_dir().join("demo-star.toml")).unwrap();
+    assert!(Preset::parse(&good).is_ok());
+    let cases = [
+        // A typo in a key is not silently ignored.
+        ("[prompts]", "[prompts]\ntargets = [\"x\"]", "targets"),
+        ("eta = 1.0", "eta = 0.0", "sampling.eta"),
+        ("epochs = 40", "epochs = \"forty\"", "epochs"),
+        (
+            "samples_per_prompt = 4",
+            "samples_per_prompt = 3",
+            "ddpo.samples_per_prompt",
+        ),
+        ("value = \"star\"", "value = \"hexagon\"", "hexagon"),
+        ("attribute = \"object\"", "attribute = \"size\"", "size"),
+        ("kind = \"demo-judge\"", "kind = \"oracle\"", "oracle"),
+        ("held_out = 0.25", "held_out = 1.5", "prompts.held_out"),
+        ("lora_rank = 4", "lora_rank = 0", "adapter.lora_rank"),
+        (
+            "filter_words = [\"star\"]",
+            "filter_words = []",
+            "prompts.filter_words",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        assert!(good.contains(from), "{from}");
+        let bad = good.replacen(from, to, 1);
+        let err = format!("{:#}", Preset::parse(&bad).unwrap_err());
+        assert!(err.contains(expected), "{to}: {err}");
+    }
+    let missing_variable = good.replace("a_colour = [", "unused = [\"a\"]\nnot_a_colour = [");
+    let err = format!("{:#}", Preset::parse(&missing_variable).unwrap_err());
+    assert!(
+        err.contains("{a_colour}") && err.contains("prompts.target"),
+        "{err}"
+    );
+}
+
+/// A micro DDPO run on a task it can learn in a minute: the demo judge's P(black background) is
+/// rewarded on prompts that leave the background open (α = −1, β = 2), so the share of black
+/// backgrounds at fixed seeds must rise.
+#[test]
+fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
+    let device = Device::Cpu;
+    let sd = setup::load_model("demo", &device).unwrap();
+    let root = sd.source.root().to_path_buf();
+    let black = || {
+        DemoJudge::new(
+            JudgeNet::load(&root.join("judge"), &device).unwrap(),
+            "background",
+            "black",
+        )
+        .unwrap()
+    };
+    let reward = ErasureReward {
+        detector: Box::new(black()),
+        clip: Arc::new(ClipScorer::load(&root.join("clip"), &device).unwrap()),
+        concept_words: vec![],
+        anchor: String::new(),
+        weights: CerWeights {
+            alpha: -1.0,
+            beta: 2.0,
+            lambda_erase: 1.0,
+            lambda_align: 0.0,
+        },
+    };
+    let mut preset = micro_preset(8);
+    preset.sampling.steps = 10;
+    preset.evaluation.steps = 10;
+    preset.ddpo.batch_size = 8;
+    preset.ddpo.batches_per_epoch = 2;
+    preset.ddpo.samples_per_prompt = 4;
+    preset.ddpo.baseline = Baseline::Batch;
+    preset.ddpo.early_steps = 0.5;
+    preset.ddpo.timestep_fraction = 1.0;
+    preset.ddpo.learning_rate = 3e-2;
+    let prompts: Vec<String> = [
+        "a red solid circle",
+        "a blue solid square",
+        "a green striped heart",
+        "a yellow dotted triangle",
+    ]
+    .map(String::from)
+    .to_vec();
+    let trainer = || {
+        ErasureTrainer::new(
+            &sd,
+            &reward,
+            prompts.clone(),
+            preset.sampling.clone(),
+            64,
+            preset.adapter,
+            preset.ddpo.clone(),
+        )
+        .unwrap()
+    };
+    // The share of black backgrounds at 16 fixed seeds, sampled deterministically: the reward
+    // without the luck of the training samples.
+    let judge = black();
+    let fixed: Vec<String> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), 4))
+        .collect();
+    let black_share = |t: &ErasureTrainer| {
+        let adapter = t.adapter().detached();
+        let images = session::render(&sd, &preset, &fixed, 1 << 41, Some(&adapter)).unwrap();
+        let readings = judge.read(&images).unwrap();
+        readings.iter().filter(|r| r.concept).count() as f64 / readings.len() as f64
+    };
+    let mut t = trainer();
+    let before = black_share(&t);
+    let metrics: Vec<EpochMetrics> = (0..8)
+        .map(|_| t.run_epoch(&|| false).unwrap().unwrap())
+        .collect();
+    let after = black_share(&t);
+    let sampled: Vec<f64> = metrics.iter().map(|m| m.p_concept.mean).collect();
+    println!("black backgrounds at fixed seeds {before:.3} → {after:.3}; sampled {sampled:.3?}");
+    for m in &metrics {
+        assert!(m.updates == 2 && m.skipped_updates == 0 && m.skipped_losses == 0);
+        assert!(m.loss.is_finite() && m.approx_kl.is_finite());
+    }
+    assert!(after >= before + 0.25, "{before:.3} → {after:.3}");
+    // Same seed, same run.
+    let mut again = trainer();
+    for m in &metrics[..2] {
+        let a = again.run_epoch(&|| false).unwrap().unwrap();
+        assert_eq!(
+            (a.reward_total, a.p_concept, a.loss),
+            (m.reward_total, m.p_concept, m.loss)
+        );
+    }
+}
+
+fn adapter_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut all: Vec<(String, Vec<f32>)> = common::load(path)
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_adapter() {
+    let device = Device::Cpu;
+    let root = common::temp_dir("erasure-resume");
+    let options = RunOptions { preview_every: 2 };
+    let straight = root.join("straight");
+    let end = session::start(
+        micro_preset(3),
+        None,
+        &straight,
+        &device,
+        options,
+        &|| false,
+        &mut Quiet,
+    )
+    .unwrap();
+    assert!(matches!(end, RunEnd::Finished { .. }), "{end:?}");
+    let dir = RunDir::new(&straight);
+    let metrics = dir.read_metrics().unwrap();
+    assert_eq!(
+        metrics.iter().map(|m| m.epoch).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    for file in [
+        "original.png",
+        "epoch-0002.png",
+        "epoch-0003.png",
+        "prompts.txt",
+    ] {
+        assert!(dir.samples().join(file).is_file(), "{file}");
+    }
+    assert!(
+        session::start(
+            micro_preset(3),
+            None,
+            &straight,
+            &device,
+            options,
+            &|| false,
+            &mut Quiet
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("--resume")
+    );
+
+    // Stopped in the middle of epoch 2's training passes: epoch 2 is discarded, the
+    // checkpoint holds epoch 1, and the resumed run redoes epoch 2 from the same state.
+    let interrupted = root.join("interrupted");
+    let polls = Cell::new(0);
+    let stop_mid_epoch_2 = || {
+        polls.set(polls.get() + 1);
+        // Per epoch: 2 polls while sampling, one before each of the 2 × 2 backward passes and
+        // one after the epoch. Poll 12 comes after epoch 2's first update.
+        polls.get() == 12
+    };
+    let end = session::start(
+        micro_preset(3),
+        None,
+        &interrupted,
+        &device,
+        options,
+        &stop_mid_epoch_2,
+        &mut Quiet,
+    )
+    .unwrap();
+    assert_eq!(end, RunEnd::Stopped { epochs_done: 1 });
+    let dir = RunDir::new(&interrupted);
+    assert!(!dir.adapter().exists());
+    assert_eq!(dir.read_metrics().unwrap().len(), 1);
+    let end = session::resume(&interrupted, &device, options, &|| false, &mut Quiet).unwrap();
+    assert!(matches!(end, RunEnd::Finished { .. }), "{end:?}");
+    assert_eq!(
+        adapter_tensors(&dir.adapter()),
+        adapter_tensors(&RunDir::new(&straight).adapter()),
+        "resumed and uninterrupted runs differ"
+    );
+    let resumed_metrics = dir.read_metrics().unwrap();
+    assert_eq!(resumed_metrics.len(), 3);
+    for (a, b) in resumed_metrics.iter().zip(&metrics) {
+        assert_eq!(
+            (a.epoch, a.p_concept, a.loss),
+            (b.epoch, b.p_concept, b.loss)
+        );
+    }
+
+    // Evaluation of the finished run writes a report with its seeds and a grid.
+    let preset = dir.load_preset().unwrap();
+    let report = evaluate::evaluate_adapter(
+        &preset,
+        &dir.adapter(),
+        &interrupted,
+        &device,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(report.sets.len(), 3);
+    assert_eq!(report.sets[0].set, "target");
+    assert_eq!(report.sets[0].first_seed, EVAL_SEED);
+    for set in &report.sets {
+        assert_eq!(set.images, 2 * set.prompts.len());
+        assert!((0.0..=1.0).contains(&set.concept_rate_erased));
+    }
+    // The demo model draws the star it is asked for (the trained steps are too few to erase).
+    assert_eq!(report.sets[0].accuracy_original["object"], 1.0);
+    assert!(interrupted.join(evaluate::GRID_FILE).is_file());
+    let written: evaluate::Report =
+        serde_json::from_slice(&std::fs::read(interrupted.join(evaluate::REPORT_FILE)).unwrap())
+            .unwrap();
+    assert_eq!(written.sets.len(), report.sets.len());
+    for (w, r) in written.sets.iter().zip(&report.sets) {
+        assert_eq!(
+            (&w.prompts, w.first_seed, w.images),
+            (&r.prompts, r.first_seed, r.images)
+        );
+        assert_eq!(w.concept_rate_erased, r.concept_rate_erased);
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn an_untrained_adapter_evaluates_as_the_original_model() {
+    let device = Device::Cpu;
+    let root = common::temp_dir("erasure-identity");
+    let preset = micro_preset(1);
+    let sd = setup::load_model("demo", &device).unwrap();
+    let adapter = ErasureAdapter::new(&sd.unet, preset.adapter, 0, DType::F32, &device).unwrap();
+    let path = root.join("fresh.safetensors");
+    adapter.save(&path, &sd.unet).unwrap();
+    let report =
+        evaluate::evaluate_adapter(&preset, &path, &root, &device, &mut |_, _| {}).unwrap();
+    for set in &report.sets {
+        assert_eq!(set.concept_rate_erased, set.concept_rate_original);
+        assert_eq!(set.accuracy_erased, set.accuracy_original);
+        assert!(
+            set.agreement.values().all(|&a| a == 1.0),
+            "{:?}",
+            set.agreement
+        );
+        assert!(set.psnr_db >= 99.0, "identical images: {}", set.psnr_db);
+        assert!((set.clip_image_similarity - 1.0).abs() < 1e-5);
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn ctrl_c_stops_the_cli_with_a_checkpoint_and_resume_finishes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let root = common::temp_dir("erasure-cli");
+    let preset_file = root.join("micro.toml");
+    std::fs::write(&preset_file, micro_preset(3).to_toml().unwrap()).unwrap();
+    let run = root.join("run");
+    let exe = env!("CARGO_BIN_EXE_erasure-studio");
+    let mut child = Command::new(exe)
+        .args(["erase", "--preset"])
+        .arg(&preset_file)
+        .arg("--out")
+        .arg(&run)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("epoch 1/3"), "{first}");
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?} {rest:?}");
+    let stopped = rest
+        .iter()
+        .find(|l| l.starts_with("stopped after epoch"))
+        .unwrap();
+    assert!(stopped.contains("--resume"), "{stopped}");
+    let dir = RunDir::new(&run);
+    assert!(dir.checkpoint().is_file() && !dir.adapter().exists());
+    let done = dir.read_metrics().unwrap().len();
+    assert!((1..3).contains(&done), "{done} epochs before the stop");
+
+    let output = common::run_cli(Command::new(exe).args(["erase", "--resume"]).arg(&run));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("finished"), "{stdout}");
+    assert_eq!(dir.read_metrics().unwrap().len(), 3);
+    assert!(dir.adapter().is_file());
+    std::fs::remove_dir_all(&root).unwrap();
+}
