@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use erasure_studio::erasure::session::{self, RunEnd, RunObserver, RunOptions};
 use erasure_studio::erasure::trainer::EpochMetrics;
 use erasure_studio::erasure::{evaluate, preset};
@@ -69,9 +69,13 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     let handler_flag = flag.clone();
     ctrlc::set_handler(move || {
-        if !handler_flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nstopping: saving a checkpoint (Ctrl-C again does nothing; wait)");
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            // Checkpoints are written atomically, so quitting now loses only the epoch in
+            // progress.
+            eprintln!("\nstopped without waiting");
+            std::process::exit(130);
         }
+        eprintln!("\nstopping: saving a checkpoint (Ctrl-C again quits at once)");
     })?;
     Ok(flag)
 }
@@ -91,6 +95,9 @@ pub fn erase(args: EraseArgs, device: &candle_core::Device) -> anyhow::Result<()
         (None, Some(name), Some(out)) => {
             let mut preset = preset::find(name)?;
             if let Some(epochs) = args.epochs {
+                if epochs == 0 {
+                    bail!("--epochs must be at least 1");
+                }
                 preset.ddpo.epochs = epochs;
             }
             (
@@ -184,7 +191,8 @@ pub fn eval(args: EvalArgs, device: &candle_core::Device) -> anyhow::Result<()> 
         preset.evaluation.max_prompts = n;
     }
     preset.validate()?;
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create output folder {}", out.display()))?;
     let report = evaluate::evaluate_adapter(&preset, &adapter_path, &out, device, &mut |d, t| {
         eprint!("\r{d}/{t} images")
     })?;

@@ -93,3 +93,38 @@ pub fn to_tensor(img: &RgbImage, device: &Device) -> candle_core::Result<Tensor>
         .permute((2, 0, 1))?
         .contiguous()
 }
+
+/// Resamples images [B, 3, H, W] in [0, 1] to `height`×`width` with `filter` (antialiased when
+/// shrinking, as PIL's resize is), in f32 without rounding to 8 bits.
+pub fn resize(
+    images: &Tensor,
+    height: usize,
+    width: usize,
+    filter: FilterType,
+) -> anyhow::Result<Tensor> {
+    let (b, c, h, w) = images.dims4()?;
+    if c != 3 {
+        bail!("expected 3 channels, got {c}");
+    }
+    if (h, w) == (height, width) {
+        return Ok(images.clone());
+    }
+    let pixels = images
+        .to_dtype(DType::F32)?
+        .permute((0, 2, 3, 1))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(b * height * width * 3);
+    for item in pixels.chunks_exact(h * w * 3) {
+        let img = image::Rgb32FImage::from_raw(w as u32, h as u32, item.to_vec())
+            .expect("buffer matches the image size");
+        let resized = image::imageops::resize(&img, width as u32, height as u32, filter);
+        out.extend(resized.into_raw());
+    }
+    Ok(
+        Tensor::from_vec(out, (b, height, width, 3), images.device())?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .to_dtype(images.dtype())?,
+    )
+}

@@ -189,7 +189,8 @@ fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
         .collect();
     let black_share = |t: &ErasureTrainer| {
         let adapter = t.adapter().detached();
-        let images = session::render(&sd, &preset, &fixed, 1 << 41, Some(&adapter)).unwrap();
+        let images =
+            session::render(&sd, &preset, &fixed, session::PREVIEW_SEED, Some(&adapter)).unwrap();
         let readings = judge.read(&images).unwrap();
         readings.iter().filter(|r| r.concept).count() as f64 / readings.len() as f64
     };

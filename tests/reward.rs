@@ -1,12 +1,14 @@
 //! CLIP scoring with the demo model's CLIP on images straight from the world generator.
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 use erasure_studio::demo_world::demo_model_dir;
 use erasure_studio::demo_world::scene::{Background, Colour, Fill, Object, Scene, render_batch};
+use erasure_studio::images;
 use erasure_studio::reward::cer::{
     CerWeights, ClipDetector, ConceptDetector, concept_erasing_reward, filter_words,
 };
 use erasure_studio::reward::clip::ClipScorer;
+use image::imageops::FilterType;
 use rand::SeedableRng;
 
 fn scorer() -> ClipScorer {
@@ -58,10 +60,26 @@ fn zero_shot_reads_colours_and_similarity_prefers_the_right_caption() {
 }
 
 #[test]
-fn images_of_another_size_are_refused_with_the_sizes() {
-    let images = Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let err = scorer().image_features(&images).err().unwrap().to_string();
-    assert!(err.contains("64×64") && err.contains("32×32"), "{err}");
+fn larger_images_are_resized_and_centre_cropped_as_clips_processor_does() {
+    let clip = scorer();
+    let images = scenes_of(Colour::Red, 5, 4);
+    // Each scene upscaled to 96×96, between black bands: 96×128. The processor scales the short
+    // side back to 64 (64×85) and crops the centre 64×64, which is the scene again, less about
+    // a pixel at each side.
+    let up = images::resize(&images, 96, 96, FilterType::CatmullRom).unwrap();
+    let band = Tensor::zeros((5, 3, 96, 16), DType::F32, &Device::Cpu).unwrap();
+    let wide = Tensor::cat(&[&band, &up, &band], 3).unwrap();
+    assert_eq!(wide.dims(), [5, 3, 96, 128]);
+    let similarity = (clip.image_features(&images).unwrap() * clip.image_features(&wide).unwrap())
+        .unwrap()
+        .sum(D::Minus1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(similarity.iter().all(|&s| s > 0.95), "{similarity:?}");
+    // A too small image is scaled up rather than refused.
+    let small = images::resize(&images, 32, 32, FilterType::CatmullRom).unwrap();
+    assert_eq!(clip.image_features(&small).unwrap().dims(), [5, 64]);
 }
 
 fn strings(v: &[&str]) -> Vec<String> {

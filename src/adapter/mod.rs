@@ -20,10 +20,11 @@ use crate::train::init::seeded_var_builder;
 
 /// How the Safe Adapter's delta on the base key/value projections is parametrised.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
 pub enum SafeDelta {
-    /// A full `[inner_dim, context_dim]` matrix per projection.
-    Full,
+    /// A full `[inner_dim, context_dim]` matrix per projection. (A struct variant, so that
+    /// serde refuses stray keys such as a `rank` next to it.)
+    Full {},
     /// `up · down` of the given rank.
     LowRank { rank: usize },
 }
@@ -46,7 +47,7 @@ impl Default for AdapterConfig {
             lora_rank: 4,
             lora_alpha: 4.0,
             tail_tokens: 4,
-            safe_delta: SafeDelta::Full,
+            safe_delta: SafeDelta::Full {},
         }
     }
 }
@@ -97,7 +98,7 @@ enum Delta {
 impl Delta {
     fn new(vb: VarBuilder, (inp, out): (usize, usize), kind: SafeDelta) -> Result<Self> {
         Ok(match kind {
-            SafeDelta::Full => {
+            SafeDelta::Full {} => {
                 Self::Full(vb.get_with_hints((out, inp), "delta", Init::Const(0.0))?)
             }
             SafeDelta::LowRank { rank } => Self::LowRank(LowRank::new(vb, (inp, out, rank), 1.0)?),

@@ -10,14 +10,13 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::preset::Preset;
-use super::session::{image_size, spread};
+use super::session::{image_size, render, spread};
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
-use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
-use crate::engine::unet::CrossAttnHook;
 use crate::images;
 use crate::reward::clip::ClipScorer;
 use crate::reward::judge::{Judge, Reading};
+use crate::stats::mean_std;
 
 /// Evaluation image `i` uses seed `EVAL_SEED + i`: far above every training seed (< 2^32).
 pub const EVAL_SEED: u64 = 1 << 40;
@@ -42,7 +41,7 @@ pub struct SetReport {
     /// prompt names the attribute; absent when none does).
     pub accuracy_original: BTreeMap<String, f64>,
     pub accuracy_erased: BTreeMap<String, f64>,
-    /// Per attribute, the share of seeds where the erased image reads as the original does.
+    /// Per attribute, the share of images that read as the original at the same seed does.
     pub agreement: BTreeMap<String, f64>,
     /// Mean cosine similarity of CLIP image features, erased vs original at the same seed.
     pub clip_image_similarity: f64,
@@ -142,25 +141,18 @@ impl Evaluation<'_> {
         let mut grid_rows = Vec::new();
         let detached = self.adapter.detached();
         for (name, prompts) in &sets {
-            let mut per_prompt = Vec::new();
+            let mut per_image = Vec::new();
             for prompt in prompts {
-                per_prompt.extend(std::iter::repeat_n(prompt.clone(), spec.seeds_per_prompt));
+                per_image.extend(std::iter::repeat_n(prompt.clone(), spec.seeds_per_prompt));
             }
-            let mut count = |n: usize| {
+            let graded = self.grade_set(&per_image, first_seed, &detached, &mut |n| {
                 done += n;
                 progress(done, total);
-            };
-            let original = self.generate(&per_prompt, first_seed, None, &mut count)?;
-            let erased = self.generate(&per_prompt, first_seed, Some(&detached), &mut count)?;
-            reports.push(self.grade(name, prompts, &per_prompt, first_seed, &original, &erased)?);
-            // First seed of the first few prompts: original row above the erased row.
-            let shown: Vec<u32> = (0..prompts.len().min(GRID_PROMPTS))
-                .map(|i| (i * spec.seeds_per_prompt) as u32)
-                .collect();
-            let index = Tensor::new(shown.as_slice(), original.device())?;
-            grid_rows.push(pad_row(&original.index_select(&index, 0)?, GRID_PROMPTS)?);
-            grid_rows.push(pad_row(&erased.index_select(&index, 0)?, GRID_PROMPTS)?);
-            first_seed += per_prompt.len() as u64;
+            })?;
+            grid_rows.push(pad_row(&graded.shown_original, GRID_PROMPTS)?);
+            grid_rows.push(pad_row(&graded.shown_erased, GRID_PROMPTS)?);
+            reports.push(self.report(name, prompts, &per_image, first_seed, &graded));
+            first_seed += per_image.len() as u64;
         }
         images::save_png(
             &images::grid(&Tensor::cat(&grid_rows, 0)?, GRID_PROMPTS)?,
@@ -182,49 +174,61 @@ impl Evaluation<'_> {
         })
     }
 
-    /// Images for `prompts` (item i with seed `first_seed + i`), deterministic DDIM.
-    fn generate(
+    /// Generates `per_image` (image i with seed `first_seed + i`) with and without the adapter,
+    /// a batch at a time, and grades each batch before the next (memory stays bounded).
+    fn grade_set(
         &self,
-        prompts: &[String],
+        per_image: &[String],
         first_seed: u64,
-        hook: Option<&dyn CrossAttnHook>,
+        adapter: &ErasureAdapter,
         count: &mut dyn FnMut(usize),
-    ) -> anyhow::Result<Tensor> {
-        let size = image_size(self.preset, self.sd)?;
-        let batch = PROMPTS_PER_BATCH * self.preset.evaluation.seeds_per_prompt;
-        let mut out = Vec::new();
-        for (b, chunk) in prompts.chunks(batch).enumerate() {
-            let request = GenerateRequest {
-                prompts: chunk.to_vec(),
-                negative_prompt: self.preset.sampling.negative_prompt.clone(),
-                seed: first_seed + (b * batch) as u64,
-                steps: self.preset.evaluation.steps,
-                guidance_scale: self.preset.sampling.guidance_scale,
-                width: size,
-                height: size,
-                eta: 0.0,
-            };
-            let hooks = SampleHooks {
-                cross_attn: hook,
-                on_step: None,
-            };
-            out.push(txt2img(self.sd, &request, hooks)?.1);
+    ) -> anyhow::Result<GradedSet> {
+        let seeds = self.preset.evaluation.seeds_per_prompt;
+        let batch = PROMPTS_PER_BATCH * seeds;
+        let (mut readings_original, mut readings_erased) = (Vec::new(), Vec::new());
+        let (mut clip_similarity, mut psnr_db) = (Vec::new(), Vec::new());
+        let (mut shown_original, mut shown_erased) = (Vec::new(), Vec::new());
+        for (b, chunk) in per_image.chunks(batch).enumerate() {
+            let seed = first_seed + (b * batch) as u64;
+            let original = render(self.sd, self.preset, chunk, seed, None)?;
             count(chunk.len());
+            let erased = render(self.sd, self.preset, chunk, seed, Some(adapter))?;
+            count(chunk.len());
+            readings_original.extend(self.judge.read(&original)?);
+            readings_erased.extend(self.judge.read(&erased)?);
+            let similarity: Vec<f32> = (self.clip.image_features(&original)?
+                * self.clip.image_features(&erased)?)?
+            .sum(1)?
+            .to_vec1()?;
+            clip_similarity.extend(similarity.iter().map(|&s| f64::from(s)));
+            psnr_db.extend(psnr(&original, &erased)?);
+            // The first seed of each prompt, for the grid.
+            for i in (0..chunk.len()).step_by(seeds) {
+                if b * batch + i < GRID_PROMPTS * seeds {
+                    shown_original.push(original.get(i)?);
+                    shown_erased.push(erased.get(i)?);
+                }
+            }
         }
-        Ok(Tensor::cat(&out, 0)?)
+        Ok(GradedSet {
+            original: readings_original,
+            erased: readings_erased,
+            clip_similarity,
+            psnr: psnr_db,
+            shown_original: Tensor::stack(&shown_original, 0)?,
+            shown_erased: Tensor::stack(&shown_erased, 0)?,
+        })
     }
 
-    fn grade(
+    fn report(
         &self,
         set: &str,
         prompts: &[String],
         per_image: &[String],
         first_seed: u64,
-        original: &Tensor,
-        erased: &Tensor,
-    ) -> anyhow::Result<SetReport> {
-        let read_orig = self.judge.read(original)?;
-        let read_erased = self.judge.read(erased)?;
+        graded: &GradedSet,
+    ) -> SetReport {
+        let (read_orig, read_erased) = (&graded.original, &graded.erased);
         let names = self.judge.attribute_names();
         let requested: Vec<Vec<Option<String>>> =
             per_image.iter().map(|p| self.judge.requested(p)).collect();
@@ -235,7 +239,7 @@ impl Evaluation<'_> {
         for (a, name) in names.iter().enumerate() {
             let agree = read_orig
                 .iter()
-                .zip(&read_erased)
+                .zip(read_erased)
                 .filter(|(o, e)| o.attributes[a] == e.attributes[a])
                 .count();
             agreement.insert(name.clone(), agree as f64 / read_orig.len() as f64);
@@ -254,39 +258,42 @@ impl Evaluation<'_> {
                     .count() as f64
                     / asked.len() as f64
             };
-            accuracy_original.insert(name.clone(), hits(&read_orig));
-            accuracy_erased.insert(name.clone(), hits(&read_erased));
+            accuracy_original.insert(name.clone(), hits(read_orig));
+            accuracy_erased.insert(name.clone(), hits(read_erased));
         }
-        let feats_orig = self.clip.image_features(original)?;
-        let feats_erased = self.clip.image_features(erased)?;
-        let clip_image_similarity = (feats_orig * feats_erased)?
-            .sum(1)?
-            .mean_all()?
-            .to_scalar::<f32>()? as f64;
-        Ok(SetReport {
+        SetReport {
             set: set.to_string(),
             prompts: prompts.to_vec(),
             images: per_image.len(),
             first_seed,
-            concept_rate_original: rate(&read_orig),
-            concept_rate_erased: rate(&read_erased),
+            concept_rate_original: rate(read_orig),
+            concept_rate_erased: rate(read_erased),
             accuracy_original,
             accuracy_erased,
             agreement,
-            clip_image_similarity,
-            psnr_db: mean_psnr(original, erased)?,
-        })
+            clip_image_similarity: mean_std(&graded.clip_similarity).0,
+            psnr_db: mean_std(&graded.psnr).0,
+        }
     }
 }
 
-/// Mean over images of the PSNR of `b` against `a` (both in [0, 1]).
-fn mean_psnr(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+/// A prompt set's readings and per-image comparisons, and the images shown in the grid.
+struct GradedSet {
+    original: Vec<Reading>,
+    erased: Vec<Reading>,
+    clip_similarity: Vec<f64>,
+    psnr: Vec<f64>,
+    shown_original: Tensor,
+    shown_erased: Tensor,
+}
+
+/// The PSNR (dB) of each image of `b` against the same image of `a` (both in [0, 1]).
+fn psnr(a: &Tensor, b: &Tensor) -> anyhow::Result<Vec<f64>> {
     let mse: Vec<f32> = (a - b)?.sqr()?.flatten_from(1)?.mean(1)?.to_vec1()?;
-    let psnr: Vec<f64> = mse
+    Ok(mse
         .iter()
-        .map(|&m| -10.0 * (m as f64).max(1e-10).log10())
-        .collect();
-    Ok(psnr.iter().sum::<f64>() / psnr.len() as f64)
+        .map(|&m| -10.0 * f64::from(m).max(1e-10).log10())
+        .collect())
 }
 
 /// Pads a row of images with black ones up to `columns`, so every set starts a grid row.
@@ -313,15 +320,17 @@ pub fn evaluate_adapter(
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<Report> {
     let sd = super::setup::load_model(&preset.model, device)?;
-    let scoring = super::setup::scoring(preset, sd.source.root(), device)?;
+    let mut scorers = super::setup::Scorers::new(sd.source.root(), device);
+    let (reward, reward_detector) = scorers.reward(preset)?;
+    let judge = scorers.judge(preset)?;
     let adapter = ErasureAdapter::load(adapter_path, &sd.unet, candle_core::DType::F32, device)?;
     let evaluation = Evaluation {
         sd: &sd,
         preset,
         adapter: &adapter,
-        judge: scoring.judge.as_ref(),
-        clip: &scoring.reward.clip,
-        reward_detector: scoring.reward_detector,
+        judge: judge.as_ref(),
+        clip: &reward.clip,
+        reward_detector,
         adapter_name: adapter_path.display().to_string(),
     };
     let report = evaluation.run(&out.join(GRID_FILE), progress)?;

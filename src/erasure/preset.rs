@@ -73,6 +73,10 @@ pub struct PromptSet {
     pub held_out: f64,
 }
 
+/// Seed of the fixed shuffles that pick prompts (held out for evaluation, or shown), so every
+/// run of a preset picks the same ones.
+pub const PROMPT_SHUFFLE_SEED: u64 = 0x5eed;
+
 fn default_held_out() -> f64 {
     0.25
 }
@@ -176,7 +180,8 @@ impl Default for SamplingSpec {
 pub struct EvaluationSpec {
     /// Seeds per prompt; evaluation seeds start at 2^40, beyond any training seed.
     pub seeds_per_prompt: usize,
-    /// At most this many prompts of each set (held-out target, neutral, neighbours), drawn evenly.
+    /// At most this many prompts of each set (held-out target, neutral, neighbours), picked by
+    /// a fixed shuffle.
     pub max_prompts: usize,
     /// Denoising steps (deterministic DDIM).
     pub steps: usize,
@@ -256,20 +261,39 @@ impl Preset {
         )?;
         validate_detector(&self.reward.detector, "reward.detector")?;
         validate_detector(&self.judge, "judge")?;
+        let r = &self.reward;
+        for (field, value) in [
+            ("reward.alpha", r.alpha),
+            ("reward.beta", r.beta),
+            ("reward.lambda_erase", r.lambda_erase),
+            ("reward.lambda_align", r.lambda_align),
+        ] {
+            require(value.is_finite(), field, "must be a finite number")?;
+        }
         let s = &self.sampling;
         require(s.steps > 0, "sampling.steps", "must be at least 1")?;
+        require(
+            s.size.is_none_or(|size| size > 0),
+            "sampling.size",
+            "must be a positive number of pixels",
+        )?;
         require(
             s.eta > 0.0 && s.eta <= 1.0,
             "sampling.eta",
             "must be in (0, 1]: policy gradients need stochastic steps",
         )?;
         require(
-            s.guidance_scale >= 0.0,
+            s.guidance_scale >= 0.0 && s.guidance_scale.is_finite(),
             "sampling.guidance_scale",
-            "must be ≥ 0",
+            "must be a number ≥ 0",
         )?;
         let a = &self.adapter;
         require(a.lora_rank > 0, "adapter.lora_rank", "must be at least 1")?;
+        require(
+            a.lora_alpha > 0.0 && a.lora_alpha.is_finite(),
+            "adapter.lora_alpha",
+            "must be a positive number",
+        )?;
         require(
             a.tail_tokens > 0,
             "adapter.tail_tokens",
@@ -298,7 +322,7 @@ impl Preset {
     /// the run's seed, so every run of a preset holds out the same prompts.
     pub fn target_split(&self) -> anyhow::Result<(Vec<String>, Vec<String>)> {
         let mut all = expand(&self.prompts.target, &self.prompts.variables)?;
-        all.shuffle(&mut ChaCha8Rng::seed_from_u64(0x5eed));
+        all.shuffle(&mut ChaCha8Rng::seed_from_u64(PROMPT_SHUFFLE_SEED));
         let held = (all.len() as f64 * self.prompts.held_out).round() as usize;
         let train = all.split_off(held);
         Ok((train, all))
@@ -390,6 +414,8 @@ fn validate_detector(spec: &DetectorSpec, field: &str) -> anyhow::Result<()> {
                 &format!("{field}.classes"),
                 "needs at least one NudeNet class",
             )?;
+            crate::reward::nudenet::class_indices(classes)
+                .with_context(|| format!("field `{field}.classes`"))?;
             require(
                 (0.0..=1.0).contains(threshold),
                 &format!("{field}.threshold"),

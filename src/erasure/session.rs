@@ -13,8 +13,9 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use super::preset::PROMPT_SHUFFLE_SEED;
 use super::preset::Preset;
-use super::setup::{self, Scoring};
+use super::setup::{self, Scorers};
 use super::trainer::{EpochMetrics, ErasureTrainer};
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
@@ -22,10 +23,10 @@ use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
 use crate::engine::unet::CrossAttnHook;
 use crate::fs::write_atomic;
 use crate::images;
-use crate::train::run::{SECONDS_KEY, seconds_recorded};
+use crate::train::run::{SECONDS_KEY, seconds_in};
 
 /// Seed of the preview grids' first column; far from training (< 2^32) and evaluation seeds.
-const PREVIEW_SEED: u64 = 1 << 41;
+pub const PREVIEW_SEED: u64 = 1 << 41;
 /// Columns of the preview grids: held-out target prompts, then neighbours, then neutral ones.
 const PREVIEW_TARGETS: usize = 4;
 const PREVIEW_OTHERS: usize = 2;
@@ -57,15 +58,13 @@ impl RunDir {
     pub fn samples(&self) -> PathBuf {
         self.root.join("samples")
     }
-    pub fn report(&self) -> PathBuf {
-        self.root.join("report.json")
-    }
 
     /// The preset the run was started with.
     pub fn load_preset(&self) -> anyhow::Result<Preset> {
         if !self.preset().is_file() {
             bail!(
-                "{} is not an erasure run folder (no preset.toml)",
+                "{} is not an erasure run folder (no preset.toml); start a run with \
+                 `erasure-studio erase --preset P --out DIR`",
                 self.root.display()
             );
         }
@@ -186,7 +185,7 @@ pub fn spread(items: &[String], n: usize) -> Vec<String> {
         return items.to_vec();
     }
     let mut picked: Vec<usize> = (0..items.len()).collect();
-    picked.shuffle(&mut ChaCha8Rng::seed_from_u64(0x5eed));
+    picked.shuffle(&mut ChaCha8Rng::seed_from_u64(PROMPT_SHUFFLE_SEED));
     picked.truncate(n);
     picked.sort_unstable();
     picked.into_iter().map(|i| items[i].clone()).collect()
@@ -238,7 +237,7 @@ fn execute(
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
     let sd = setup::load_model(&preset.model, device)?;
-    let Scoring { reward, .. } = setup::scoring(preset, sd.source.root(), device)?;
+    let (reward, _) = Scorers::new(sd.source.root(), device).reward(preset)?;
     let (train_prompts, _) = preset.target_split()?;
     let mut trainer = ErasureTrainer::new(
         &sd,
@@ -251,8 +250,7 @@ fn execute(
     )?;
     let mut earlier_seconds = 0.0;
     if dir.checkpoint().exists() {
-        trainer.load_checkpoint(&dir.checkpoint())?;
-        earlier_seconds = seconds_recorded(&dir.checkpoint())?;
+        earlier_seconds = seconds_in(&trainer.load_checkpoint(&dir.checkpoint())?);
         eprintln!(
             "resuming {} after epoch {}",
             dir.root.display(),
@@ -272,8 +270,10 @@ fn execute(
     let originals = render(&sd, preset, &preview, PREVIEW_SEED, None)?;
     if !original_grid.exists() {
         images::save_png(&images::grid(&originals, preview.len())?, &original_grid)?;
-        let listing = preview.join("\n") + "\n";
-        write_atomic(&dir.samples().join("prompts.txt"), listing.as_bytes())?;
+    }
+    let listing = dir.samples().join("prompts.txt");
+    if !listing.exists() {
+        write_atomic(&listing, (preview.join("\n") + "\n").as_bytes())?;
     }
 
     let started = Instant::now();
@@ -291,8 +291,10 @@ fn execute(
             });
         };
         metrics.push(m.clone());
-        save(&trainer, seconds(&started))?;
+        // Metrics first: a kill between the two writes leaves an extra line, which resuming
+        // drops, rather than a missing one.
         dir.write_metrics(&metrics)?;
+        save(&trainer, seconds(&started))?;
         observer.epoch(&m, total);
         let done = trainer.epochs_done();
         if done % options.preview_every.max(1) == 0 || done == total {
@@ -300,7 +302,7 @@ fn execute(
             write_preview(&sd, preset, &preview, &originals, trainer.adapter(), &path)?;
             observer.preview(&path);
         }
-        if stop() {
+        if done < total && stop() {
             return Ok(RunEnd::Stopped { epochs_done: done });
         }
     }

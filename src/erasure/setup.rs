@@ -17,6 +17,7 @@ use crate::engine::model::{ModelSource, hf_cache_snapshot};
 use crate::reward::cer::{ClipDetector, ConceptDetector, ErasureReward};
 use crate::reward::clip::ClipScorer;
 use crate::reward::judge::{DemoJudge, Judge, ThresholdJudge};
+use crate::reward::nudenet::NudeNet;
 
 /// A model by name: `demo` (the built-in demo model), a diffusers folder, or a cached repo id.
 pub fn model_source(spec: &str) -> anyhow::Result<ModelSource> {
@@ -58,25 +59,100 @@ fn clip_folder(spec: &str, model_root: &Path) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// Loads each CLIP model once, however many parts use it.
-struct ClipCache<'a> {
+/// Builds the reward and the judge a preset describes for a model in `model_root`, loading each
+/// CLIP model once however many parts use it.
+pub struct Scorers<'a> {
     model_root: &'a Path,
     device: &'a Device,
-    loaded: HashMap<PathBuf, Arc<ClipScorer>>,
+    clips: HashMap<PathBuf, Arc<ClipScorer>>,
 }
 
-impl ClipCache<'_> {
-    fn get(&mut self, spec: &str) -> anyhow::Result<Arc<ClipScorer>> {
+impl<'a> Scorers<'a> {
+    pub fn new(model_root: &'a Path, device: &'a Device) -> Self {
+        Self {
+            model_root,
+            device,
+            clips: HashMap::new(),
+        }
+    }
+
+    fn clip(&mut self, spec: &str) -> anyhow::Result<Arc<ClipScorer>> {
         let dir = clip_folder(spec, self.model_root)?;
-        if let Some(clip) = self.loaded.get(&dir) {
+        if let Some(clip) = self.clips.get(&dir) {
             return Ok(clip.clone());
         }
         let clip = Arc::new(
             ClipScorer::load(&dir, self.device)
                 .with_context(|| format!("loading CLIP model {}", dir.display()))?,
         );
-        self.loaded.insert(dir, clip.clone());
+        self.clips.insert(dir, clip.clone());
         Ok(clip)
+    }
+
+    /// A detector and its description for reports.
+    fn detector(
+        &mut self,
+        spec: &DetectorSpec,
+    ) -> anyhow::Result<(Box<dyn ConceptDetector>, String)> {
+        Ok(match spec {
+            DetectorSpec::Clip {
+                model,
+                concept_texts,
+                neutral_texts,
+                ..
+            } => (
+                Box::new(ClipDetector {
+                    clip: self.clip(model)?,
+                    concept_texts: concept_texts.clone(),
+                    neutral_texts: neutral_texts.clone(),
+                }),
+                format!("CLIP zero-shot ({model}) on {concept_texts:?} against {neutral_texts:?}"),
+            ),
+            DetectorSpec::Nudenet { model, classes, .. } => (
+                Box::new(NudeNet::load(model, classes)?),
+                format!("NudeNet ({}) on {classes:?}", model.display()),
+            ),
+            DetectorSpec::DemoJudge { attribute, value } => (
+                Box::new(demo_judge(self.model_root, self.device, attribute, value)?),
+                format!("demo judge ({attribute} = {value})"),
+            ),
+        })
+    }
+
+    /// The preset's reward, and its detector's description.
+    pub fn reward(&mut self, preset: &Preset) -> anyhow::Result<(ErasureReward, String)> {
+        let (detector, name) = self
+            .detector(&preset.reward.detector)
+            .context("field `reward.detector`")?;
+        let reward = ErasureReward {
+            detector,
+            clip: self
+                .clip(&preset.reward.clip)
+                .context("field `reward.clip`")?,
+            concept_words: preset.prompts.filter_words.clone(),
+            anchor: preset.prompts.anchor.clone(),
+            weights: preset.reward.weights(),
+        };
+        Ok((reward, name))
+    }
+
+    /// The preset's evaluation judge.
+    pub fn judge(&mut self, preset: &Preset) -> anyhow::Result<Box<dyn Judge>> {
+        Ok(match &preset.judge {
+            DetectorSpec::DemoJudge { attribute, value } => Box::new(
+                demo_judge(self.model_root, self.device, attribute, value)
+                    .context("field `judge`")?,
+            ),
+            spec @ (DetectorSpec::Clip { threshold, .. }
+            | DetectorSpec::Nudenet { threshold, .. }) => {
+                let (detector, name) = self.detector(spec).context("field `judge`")?;
+                Box::new(ThresholdJudge {
+                    detector,
+                    threshold: *threshold,
+                    name,
+                })
+            }
+        })
     }
 }
 
@@ -94,82 +170,4 @@ fn demo_judge(
         );
     }
     DemoJudge::new(DemoJudgeNet::load(&dir, device)?, attribute, value)
-}
-
-fn detector(
-    spec: &DetectorSpec,
-    clips: &mut ClipCache,
-) -> anyhow::Result<(Box<dyn ConceptDetector>, String)> {
-    Ok(match spec {
-        DetectorSpec::Clip {
-            model,
-            concept_texts,
-            neutral_texts,
-            ..
-        } => (
-            Box::new(ClipDetector {
-                clip: clips.get(model)?,
-                concept_texts: concept_texts.clone(),
-                neutral_texts: neutral_texts.clone(),
-            }),
-            format!("CLIP zero-shot ({model}) on {concept_texts:?} against {neutral_texts:?}"),
-        ),
-        DetectorSpec::Nudenet { model, .. } => bail!(
-            "the NudeNet detector ({}) is not available in this build yet",
-            model.display()
-        ),
-        DetectorSpec::DemoJudge { attribute, value } => (
-            Box::new(demo_judge(
-                clips.model_root,
-                clips.device,
-                attribute,
-                value,
-            )?),
-            format!("demo judge ({attribute} = {value})"),
-        ),
-    })
-}
-
-/// The reward and the judge a preset describes, for a model in `model_root`.
-pub struct Scoring {
-    pub reward: ErasureReward,
-    pub reward_detector: String,
-    pub judge: Box<dyn Judge>,
-}
-
-pub fn scoring(preset: &Preset, model_root: &Path, device: &Device) -> anyhow::Result<Scoring> {
-    let mut clips = ClipCache {
-        model_root,
-        device,
-        loaded: HashMap::new(),
-    };
-    let (reward_detector, reward_name) =
-        detector(&preset.reward.detector, &mut clips).context("field `reward.detector`")?;
-    let reward = ErasureReward {
-        detector: reward_detector,
-        clip: clips
-            .get(&preset.reward.clip)
-            .context("field `reward.clip`")?,
-        concept_words: preset.prompts.filter_words.clone(),
-        anchor: preset.prompts.anchor.clone(),
-        weights: preset.reward.weights(),
-    };
-    let judge: Box<dyn Judge> = match &preset.judge {
-        DetectorSpec::DemoJudge { attribute, value } => {
-            Box::new(demo_judge(model_root, device, attribute, value)?)
-        }
-        spec @ (DetectorSpec::Clip { threshold, .. } | DetectorSpec::Nudenet { threshold, .. }) => {
-            let (detector, name) = detector(spec, &mut clips).context("field `judge`")?;
-            Box::new(ThresholdJudge {
-                detector,
-                threshold: *threshold,
-                name,
-            })
-        }
-    };
-    Ok(Scoring {
-        reward,
-        reward_detector: reward_name,
-        judge,
-    })
 }

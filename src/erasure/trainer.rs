@@ -1,6 +1,6 @@
 //! The DDPO epoch: sample stochastic trajectories through the adapter, score the final images
-//! with the concept-erasing reward, turn rewards into per-prompt advantages, then take PPO steps
-//! on a random subset of each trajectory's denoising steps.
+//! with the concept-erasing reward, normalise rewards into advantages (per prompt or over the
+//! epoch), then take PPO steps on a random subset of each trajectory's early denoising steps.
 //!
 //! Everything random in epoch `e` is drawn from `(seed, e)`, so a run resumed from the
 //! checkpoint after epoch `e` continues exactly as the uninterrupted run would (for the same
@@ -99,6 +99,11 @@ impl DdpoConfig {
                 "must be at least 1 and divide batch_size × batches_per_epoch",
             ),
             (
+                self.baseline == Baseline::Batch || self.samples_per_prompt >= 2,
+                "ddpo.samples_per_prompt",
+                "must be at least 2 with baseline = \"prompt\" (one sample has no spread to normalise by)",
+            ),
+            (
                 self.inner_epochs > 0,
                 "ddpo.inner_epochs",
                 "must be at least 1",
@@ -118,7 +123,11 @@ impl DdpoConfig {
                 "ddpo.updates_per_inner_epoch",
                 "must be at least 1",
             ),
-            (self.clip_range > 0.0, "ddpo.clip_range", "must be > 0"),
+            (
+                self.clip_range > 0.0 && self.clip_range.is_finite(),
+                "ddpo.clip_range",
+                "must be a positive number",
+            ),
             (
                 self.advantage_clip > 0.0,
                 "ddpo.advantage_clip",
@@ -129,11 +138,15 @@ impl DdpoConfig {
                 "ddpo.learning_rate",
                 "must be a positive number",
             ),
-            (self.weight_decay >= 0.0, "ddpo.weight_decay", "must be ≥ 0"),
             (
-                self.max_grad_norm > 0.0,
+                self.weight_decay >= 0.0 && self.weight_decay.is_finite(),
+                "ddpo.weight_decay",
+                "must be a number ≥ 0",
+            ),
+            (
+                self.max_grad_norm > 0.0 && self.max_grad_norm.is_finite(),
                 "ddpo.max_grad_norm",
-                "must be > 0",
+                "must be a positive number",
             ),
         ];
         for (ok, field, what) in checks {
@@ -191,10 +204,11 @@ pub struct EpochMetrics {
     /// Mean gradient norm (before clipping) of the applied updates.
     pub grad_norm: f64,
     pub updates: usize,
-    /// Updates and backward passes dropped because a reward, loss or gradient was not finite.
+    /// Updates dropped because a gradient was not finite or every loss of their group was not.
     pub skipped_updates: usize,
+    /// Backward passes dropped because their loss was not finite.
     pub skipped_losses: usize,
-    /// Why the epoch took no training step at all, if it did not.
+    /// Why the epoch took no training step at all (a non-finite reward), if it did not.
     pub skipped_reason: Option<String>,
     pub seconds_sampling: f64,
     pub seconds_reward: f64,
@@ -297,7 +311,8 @@ impl<'a> ErasureTrainer<'a> {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "{}: no `{EPOCH_KEY}` in the metadata; not an erasure checkpoint",
+                    "{}: no `{EPOCH_KEY}` in the metadata; not an erasure checkpoint \
+                     (move it away to start the run afresh)",
                     path.display()
                 )
             })?;
@@ -314,7 +329,10 @@ impl<'a> ErasureTrainer<'a> {
                 .sum_all()?
                 .to_scalar::<f64>()?;
             if !sum.is_finite() {
-                anyhow::bail!("adapter weight `{name}` is not finite; refusing to save it");
+                anyhow::bail!(
+                    "adapter weight `{name}` is not finite; refusing to save it. Lower \
+                     `ddpo.learning_rate` and resume from the last checkpoint"
+                );
             }
         }
         Ok(())
@@ -337,7 +355,8 @@ impl<'a> ErasureTrainer<'a> {
             let request = GenerateRequest {
                 prompts: prompts.to_vec(),
                 negative_prompt: self.sampling.negative_prompt.clone(),
-                // Training seeds stay below 2^32; evaluation seeds start at 2^40.
+                // Item i uses seed + i: training seeds stay below 2^32 + batch size, far
+                // from the evaluation (2^40) and preview (2^41) seeds.
                 seed: u64::from(rng.random::<u32>()),
                 steps: self.sampling.steps,
                 guidance_scale: self.sampling.guidance_scale,
@@ -386,15 +405,12 @@ impl<'a> ErasureTrainer<'a> {
                 metrics.skipped_reason = Some(reason);
             }
             Ok(()) => {
-                let adv = advantages(
-                    &epoch_prompts,
-                    &rewards.total,
-                    match c.baseline {
-                        Baseline::Prompt => c.samples_per_prompt,
-                        Baseline::Batch => usize::MAX,
-                    },
-                    c.advantage_clip,
-                )?;
+                let min_group = match c.baseline {
+                    Baseline::Prompt => c.samples_per_prompt,
+                    // No prompt has this many samples, so each uses the epoch's statistics.
+                    Baseline::Batch => usize::MAX,
+                };
+                let adv = advantages(&epoch_prompts, &rewards.total, min_group, c.advantage_clip)?;
                 if !self.train_on(&batches, &adv, &mut rng, &mut metrics, stop)? {
                     return Ok(None);
                 }
@@ -451,6 +467,7 @@ impl<'a> ErasureTrainer<'a> {
             let groups = c.updates_per_inner_epoch.min(passes.len());
             for group in split_evenly(&passes, groups) {
                 let mut accumulated = GradStore::default();
+                let mut taken = 0;
                 for &(step, b) in group {
                     if stop() {
                         self.restore(snapshot)?;
@@ -473,9 +490,15 @@ impl<'a> ErasureTrainer<'a> {
                     losses.push(value);
                     clip_fractions.push(stats.clip_fraction);
                     kls.push(stats.approx_kl);
-                    let grads = (loss / group.len() as f64)?.backward()?;
-                    self.accumulate(&mut accumulated, &grads)?;
+                    self.accumulate(&mut accumulated, &loss.backward()?)?;
+                    taken += 1;
                 }
+                if taken == 0 {
+                    metrics.skipped_updates += 1;
+                    continue;
+                }
+                // The mean over the passes taken.
+                self.scale(&mut accumulated, 1.0 / taken as f64)?;
                 match self.opt.step(&accumulated)? {
                     StepOutcome::Applied { grad_norm } => {
                         metrics.updates += 1;
@@ -492,7 +515,7 @@ impl<'a> ErasureTrainer<'a> {
             if v.is_empty() {
                 f64::NAN
             } else {
-                v.iter().sum::<f64>() / v.len() as f64
+                mean_std(v).0
             }
         };
         metrics.loss = mean(&losses);
@@ -520,6 +543,15 @@ impl<'a> ErasureTrainer<'a> {
             var.set(saved)?;
         }
         self.opt.restore(&snapshot.state, snapshot.steps)
+    }
+
+    fn scale(&self, grads: &mut GradStore, factor: f64) -> candle_core::Result<()> {
+        for (_, var) in self.opt.params() {
+            if let Some(g) = grads.remove(var.as_tensor()) {
+                grads.insert(var.as_tensor(), (g * factor)?);
+            }
+        }
+        Ok(())
     }
 
     /// Adds the adapter variables' gradients in `grads` to `into` (other tensors' gradients,

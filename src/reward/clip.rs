@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{D, DType, Device, Tensor};
+use image::imageops::FilterType;
 use serde::Deserialize;
 
 use crate::engine::clip_model::{ClipModel, unit_length};
@@ -14,9 +15,16 @@ use crate::engine::tokenizer::ClipTokenizer;
 /// The parts of `preprocessor_config.json` that decide the image tower's input.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Preprocessor {
+    #[serde(default)]
+    size: Option<ShortestEdge>,
     crop_size: CropSize,
     image_mean: [f64; 3],
     image_std: [f64; 3],
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct ShortestEdge {
+    shortest_edge: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -30,18 +38,36 @@ impl Preprocessor {
         crate::engine::config::read_json(path)
     }
 
-    /// Images [B, 3, H, W] in [0, 1] → normalised pixels for the image tower.
+    /// Images [B, 3, H, W] in [0, 1] → normalised pixels for the image tower, prepared as
+    /// transformers' `CLIPImageProcessor` does: the shortest side resized (bicubic) to
+    /// `size.shortest_edge`, then a centre crop of `crop_size`.
     pub fn pixel_values(&self, images: &Tensor) -> anyhow::Result<Tensor> {
         let (_, _, h, w) = images.dims4()?;
         let crop = self.crop_size;
-        if (h, w) != (crop.height, crop.width) {
-            anyhow::bail!(
-                "this CLIP model reads {}×{} images and these are {h}×{w}; \
-                 resizing for CLIP is not implemented yet",
-                crop.width,
-                crop.height
-            );
-        }
+        let images = if (h, w) == (crop.height, crop.width) {
+            images.clone()
+        } else {
+            let edge = self
+                .size
+                .map_or(crop.height.min(crop.width), |s| s.shortest_edge);
+            // As transformers: the long side scales by the same factor, rounded down.
+            let (rh, rw) = if h <= w {
+                (edge, w * edge / h)
+            } else {
+                (h * edge / w, edge)
+            };
+            if rh < crop.height || rw < crop.width {
+                anyhow::bail!(
+                    "preprocessor_config.json: shortest_edge {edge} is smaller than the {}×{} crop",
+                    crop.width,
+                    crop.height
+                );
+            }
+            let resized = crate::images::resize(images, rh, rw, FilterType::CatmullRom)?;
+            resized
+                .narrow(2, (rh - crop.height) / 2, crop.height)?
+                .narrow(3, (rw - crop.width) / 2, crop.width)?
+        };
         let column = |v: [f64; 3]| {
             Tensor::new(&v.map(|x| x as f32), images.device())?
                 .to_dtype(images.dtype())?

@@ -13,8 +13,6 @@ use crate::demo_world::scene::{Background, Colour, Fill, Object};
 /// What a judge read in one image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
-    /// The judge's probability or score that the concept is present.
-    pub concept_score: f64,
     pub concept: bool,
     /// One value per [`Judge::attribute_names`].
     pub attributes: Vec<String>,
@@ -67,14 +65,11 @@ impl Judge for DemoJudge {
     }
 
     fn read(&self, images: &Tensor) -> anyhow::Result<Vec<Reading>> {
-        let probs = self.concept_probability(images)?;
         Ok(self
             .net
             .predict(images)?
             .into_iter()
-            .zip(probs)
-            .map(|(a, p)| Reading {
-                concept_score: p,
+            .map(|a| Reading {
                 concept: a.indices()[self.head] == self.class,
                 attributes: vec![
                     a.object.word().into(),
@@ -135,7 +130,6 @@ impl Judge for ThresholdJudge {
             .concept_probability(images)?
             .into_iter()
             .map(|p| Reading {
-                concept_score: p,
                 concept: p > self.threshold,
                 attributes: vec![if p > self.threshold { "yes" } else { "no" }.into()],
             })

@@ -3,3 +3,4 @@
 pub mod cer;
 pub mod clip;
 pub mod judge;
+pub mod nudenet;

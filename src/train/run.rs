@@ -108,7 +108,7 @@ pub fn seconds_recorded(path: &Path) -> anyhow::Result<f64> {
     Ok(seconds_in(&checkpoint::read_metadata(path)?))
 }
 
-fn seconds_in(metadata: &std::collections::HashMap<String, String>) -> f64 {
+pub fn seconds_in(metadata: &std::collections::HashMap<String, String>) -> f64 {
     metadata
         .get(SECONDS_KEY)
         .and_then(|s| s.parse().ok())
