@@ -91,10 +91,10 @@ fn bad_presets_are_refused_with_the_field_named() {
         // A typo in a key is not silently ignored.
         ("[prompts]", "[prompts]\ntargets = [\"x\"]", "targets"),
         ("eta = 1.0", "eta = 0.0", "sampling.eta"),
-        ("epochs = 40", "epochs = \"forty\"", "epochs"),
+        ("epochs = 60", "epochs = \"sixty\"", "epochs"),
         (
             "samples_per_prompt = 4",
-            "samples_per_prompt = 3",
+            "samples_per_prompt = 5",
             "ddpo.samples_per_prompt",
         ),
         ("value = \"star\"", "value = \"hexagon\"", "hexagon"),
