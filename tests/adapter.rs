@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, tiny_sd1};
+use common::{fixtures, max_abs, tiny_sd1};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter, SafeDelta};
 use erasure_studio::engine::clip_text::ids_tensor;
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
@@ -91,15 +91,6 @@ fn key_values(
             ]
         })
         .collect()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

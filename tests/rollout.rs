@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::tiny_sd1;
+use common::{max_abs, tiny_sd1};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter};
 use erasure_studio::engine::StableDiffusion;
 use erasure_studio::engine::noise::NoiseStream;
@@ -38,14 +38,7 @@ fn fresh_adapter(sd: &StableDiffusion) -> ErasureAdapter {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 #[test]

@@ -66,10 +66,6 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn set(&self, name: &str) -> Option<&SetReport> {
-        self.sets.iter().find(|s| s.set == name)
-    }
-
     /// A few lines for the terminal.
     pub fn summary(&self) -> String {
         let mut out = format!(

@@ -277,7 +277,7 @@ fn execute(
     }
 
     let started = Instant::now();
-    let seconds = |started: &Instant| earlier_seconds + started.elapsed().as_secs_f64();
+    let seconds = || earlier_seconds + started.elapsed().as_secs_f64();
     let save = |trainer: &ErasureTrainer, seconds: f64| {
         let meta = BTreeMap::from([(SECONDS_KEY.to_string(), format!("{seconds:.3}"))]);
         trainer.save_checkpoint(&dir.checkpoint(), meta)
@@ -285,7 +285,7 @@ fn execute(
     let total = preset.ddpo.epochs;
     while trainer.epochs_done() < total {
         let Some(m) = trainer.run_epoch(stop)? else {
-            save(&trainer, seconds(&started))?;
+            save(&trainer, seconds())?;
             return Ok(RunEnd::Stopped {
                 epochs_done: trainer.epochs_done(),
             });
@@ -294,7 +294,7 @@ fn execute(
         // Metrics first: a kill between the two writes leaves an extra line, which resuming
         // drops, rather than a missing one.
         dir.write_metrics(&metrics)?;
-        save(&trainer, seconds(&started))?;
+        save(&trainer, seconds())?;
         observer.epoch(&m, total);
         let done = trainer.epochs_done();
         if done % options.preview_every.max(1) == 0 || done == total {
@@ -310,7 +310,7 @@ fn execute(
     trainer.adapter().save(&dir.adapter(), &sd.unet)?;
     Ok(RunEnd::Finished {
         adapter: dir.adapter(),
-        seconds: seconds(&started),
+        seconds: seconds(),
     })
 }
 

@@ -284,10 +284,6 @@ impl<'a> ErasureTrainer<'a> {
         self.epochs_done
     }
 
-    pub fn config(&self) -> &DdpoConfig {
-        &self.config
-    }
-
     /// Saves adapter, optimiser state and epochs done. Refuses to write non-finite weights.
     pub fn save_checkpoint(
         &self,

@@ -34,7 +34,7 @@ pub trait Judge {
 /// The demo judge network: reads object, colour, fill and background; the concept is one
 /// attribute taking one value.
 pub struct DemoJudge {
-    pub net: DemoJudgeNet,
+    net: DemoJudgeNet,
     head: usize,
     class: usize,
     value: String,

@@ -30,6 +30,16 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     erasure_studio::parity::relative_l2(a, b).unwrap()
 }
 
+/// The largest absolute element of an f32 tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Runs the CLI and asserts it succeeded, showing its stderr otherwise.
 pub fn run_cli(cmd: &mut std::process::Command) -> std::process::Output {
     let output = cmd.output().unwrap();
