@@ -351,15 +351,16 @@ fn clip_model_gradients_match_finite_differences() {
     assert!(missing.is_empty(), "no gradient for {missing:?}");
 }
 
-/// The PPO loss of one stored denoising step, through the UNet and the adapter, in f64 on the
+/// The PPO loss plus the preservation term of one stored denoising step, through the UNet and
+/// the adapter, in f64 on the
 /// tiny fixture model: its gradient on the adapter's variables against central differences.
 #[test]
-fn ppo_loss_gradient_through_the_adapter_matches_finite_differences() {
+fn ppo_and_preservation_gradients_through_the_adapter_match_finite_differences() {
     use erasure_studio::engine::ddim::Ddim;
     use erasure_studio::engine::pipeline::{Conditioning, GenerateRequest};
     use erasure_studio::engine::{ModelSource, StableDiffusion};
     use erasure_studio::erasure::ppo::clipped_loss;
-    use erasure_studio::erasure::rollout::{Trajectories, step_log_prob};
+    use erasure_studio::erasure::rollout::{Trajectories, step_log_prob, step_output_drift};
 
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1");
     let sd = StableDiffusion::load(&ModelSource::folder(&root).unwrap(), &DEV, DType::F64).unwrap();
@@ -409,6 +410,9 @@ fn ppo_loss_gradient_through_the_adapter_matches_finite_differences() {
         conditioning,
         latents,
         log_probs: Vec::new(),
+        outputs: (0..request.steps)
+            .map(|_| var(&mut rng, &[3, 4, 2, 2], 1.0).as_tensor().clone())
+            .collect(),
     };
     let step = 1;
     // Old log-probabilities a little off the current ones, so the ratios differ from 1 but stay
@@ -419,9 +423,11 @@ fn ppo_loss_gradient_through_the_adapter_matches_finite_differences() {
     let offsets = Tensor::new(&[0.05, -0.03, 0.08], &DEV).unwrap();
     traj.log_probs = vec![(current + offsets).unwrap(); request.steps];
     let advantages = Tensor::new(&[1.2, -0.7, 0.4], &DEV).unwrap();
+    // The PPO loss plus the preservation term against stored (random) outputs.
     let loss = || {
         let new = step_log_prob(&sd, &adapter, &traj, step, &items)?;
-        Ok(clipped_loss(&new, &traj.log_probs[step], &advantages, 0.2)?.0)
+        let ppo = clipped_loss(&new, &traj.log_probs[step], &advantages, 0.2)?.0;
+        ppo + step_output_drift(&sd, &adapter, &traj, step, &items)?.mean(0)?
     };
     let layers = sd.unet.cross_attn_layers();
     let last = &layers[layers.len() - 1].path;

@@ -45,7 +45,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn recomputed_log_probs_match_the_stored_ones_until_the_adapter_moves() {
     let sd = tiny_sd1();
     let adapter = fresh_adapter(&sd);
-    let traj = sample(&sd, &adapter, &request(1.0)).unwrap();
+    let traj = sample(&sd, Some(&adapter), &request(1.0)).unwrap();
     assert_eq!(traj.steps(), 4);
     assert_eq!(traj.latents.len(), 5);
     assert_eq!(traj.final_latents().dims(), &[3, 4, 16, 16]);
@@ -97,6 +97,6 @@ fn recomputed_log_probs_match_the_stored_ones_until_the_adapter_moves() {
 fn deterministic_sampling_is_refused_with_a_reason() {
     let sd = tiny_sd1();
     let adapter = fresh_adapter(&sd);
-    let err = sample(&sd, &adapter, &request(0.0)).err().unwrap();
+    let err = sample(&sd, Some(&adapter), &request(0.0)).err().unwrap();
     assert!(format!("{err}").contains("η > 0"), "{err}");
 }

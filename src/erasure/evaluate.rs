@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::preset::Preset;
+use super::preset::{Preset, PromptKind};
 use super::session::{image_size, render, spread};
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
@@ -116,11 +116,11 @@ impl Evaluation<'_> {
     ) -> anyhow::Result<Report> {
         let started = Instant::now();
         let spec = &self.preset.evaluation;
-        let (_, held_out) = self.preset.target_split()?;
+        let held_out = |set| Ok::<_, anyhow::Error>(self.preset.split(set)?.1);
         let sets = [
-            ("target", held_out),
-            ("neighbours", self.preset.neighbour_prompts()?),
-            ("neutral", self.preset.neutral_prompts()?),
+            ("target", held_out(PromptKind::Target)?),
+            ("neighbours", held_out(PromptKind::Neighbours)?),
+            ("neutral", held_out(PromptKind::Neutral)?),
         ];
         let sets: Vec<(&str, Vec<String>)> = sets
             .into_iter()

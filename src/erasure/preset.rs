@@ -68,7 +68,8 @@ pub struct PromptSet {
     pub filter_words: Vec<String>,
     /// What an erased image should show instead, scored for alignment.
     pub anchor: String,
-    /// Share of the expanded target prompts kept out of training for evaluation.
+    /// Share of each expanded set (target, neighbours, neutral) kept out of training for
+    /// evaluation.
     #[serde(default = "default_held_out")]
     pub held_out: f64,
 }
@@ -249,7 +250,7 @@ impl Preset {
         ] {
             expand(list, &p.variables).with_context(|| format!("field `{field}`"))?;
         }
-        let (train, held_out) = self.target_split()?;
+        let (train, held_out) = self.split(PromptKind::Target)?;
         require(
             !train.is_empty() && !held_out.is_empty(),
             "prompts.held_out",
@@ -318,23 +319,43 @@ impl Preset {
         Ok(())
     }
 
-    /// The expanded target prompts split into (training, held out): a fixed shuffle, whatever
-    /// the run's seed, so every run of a preset holds out the same prompts.
-    pub fn target_split(&self) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-        let mut all = expand(&self.prompts.target, &self.prompts.variables)?;
+    /// A set's expanded prompts split into (training, held out): a fixed shuffle, whatever the
+    /// run's seed, so every run of a preset holds out the same prompts. A non-empty set with
+    /// `held_out` > 0 holds out at least one prompt, so evaluation always has some; a set of
+    /// one is held out whole.
+    pub fn split(&self, set: PromptKind) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        let p = &self.prompts;
+        let templates = match set {
+            PromptKind::Target => &p.target,
+            PromptKind::Neighbours => &p.neighbours,
+            PromptKind::Neutral => &p.neutral,
+        };
+        let mut all = expand(templates, &p.variables)?;
         all.shuffle(&mut ChaCha8Rng::seed_from_u64(PROMPT_SHUFFLE_SEED));
-        let held = (all.len() as f64 * self.prompts.held_out).round() as usize;
+        let n = all.len();
+        let held = if n == 0 || p.held_out == 0.0 {
+            0
+        } else {
+            ((n as f64 * p.held_out).round() as usize).clamp(1, (n - 1).max(1))
+        };
         let train = all.split_off(held);
         Ok((train, all))
     }
 
-    pub fn neutral_prompts(&self) -> anyhow::Result<Vec<String>> {
-        expand(&self.prompts.neutral, &self.prompts.variables)
+    /// The training parts of the neighbour and neutral sets: what the adapter must leave alone.
+    pub fn preservation_prompts(&self) -> anyhow::Result<Vec<String>> {
+        let (mut prompts, _) = self.split(PromptKind::Neighbours)?;
+        prompts.extend(self.split(PromptKind::Neutral)?.0);
+        Ok(prompts)
     }
+}
 
-    pub fn neighbour_prompts(&self) -> anyhow::Result<Vec<String>> {
-        expand(&self.prompts.neighbours, &self.prompts.variables)
-    }
+/// The three prompt sets of a preset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptKind {
+    Target,
+    Neighbours,
+    Neutral,
 }
 
 /// Preset files shipped in `presets/` (beside the crate, or `ERASURE_STUDIO_PRESETS`).

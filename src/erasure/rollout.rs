@@ -1,5 +1,6 @@
-//! Trajectories for policy-gradient training: stochastic DDIM sampling through the adapter,
-//! every latent kept, and each step's log-probability under the policy that sampled it.
+//! Trajectories for policy-gradient training: stochastic DDIM sampling through the adapter (or
+//! the original model), every latent kept, with each step's guided noise prediction and
+//! log-probability under the policy that sampled it.
 //!
 //! Sampling goes through the adapter itself (not [`ErasureAdapter::detached`]), so the engine
 //! runs the same differentiable kernels as when the trainer scores the stored steps again:
@@ -14,6 +15,7 @@ use crate::engine::StableDiffusion;
 use crate::engine::ddim::{Ddim, Transition};
 use crate::engine::noise::BatchNoise;
 use crate::engine::pipeline::{Conditioning, GenerateRequest, latent_shape};
+use crate::engine::unet::CrossAttnHook;
 
 /// One batch of sampled trajectories.
 pub struct Trajectories {
@@ -23,8 +25,10 @@ pub struct Trajectories {
     pub conditioning: Conditioning,
     /// x_T, …, x_0: one more than the steps, each [B, C, h, w].
     pub latents: Vec<Tensor>,
-    /// Per-dimension log p(x_{t−1} | x_t) of each step, [B], under the adapter that sampled it.
+    /// Per-dimension log p(x_{t−1} | x_t) of each step, [B], under the policy that sampled it.
     pub log_probs: Vec<Tensor>,
+    /// Each step's guided model output under that policy, [B, C, h, w].
+    pub outputs: Vec<Tensor>,
 }
 
 impl Trajectories {
@@ -40,10 +44,11 @@ impl Trajectories {
     }
 }
 
-/// Samples `request` (its η must be > 0: a deterministic step has no density) through `adapter`.
+/// Samples `request` (its η must be > 0: a deterministic step has no density) through `adapter`,
+/// or through the original model when it is `None`.
 pub fn sample(
     sd: &StableDiffusion,
-    adapter: &ErasureAdapter,
+    adapter: Option<&ErasureAdapter>,
     request: &GenerateRequest,
 ) -> anyhow::Result<Trajectories> {
     if request.eta <= 0.0 {
@@ -64,10 +69,11 @@ pub fn sample(
     let mut x = (noise.tensor(&shape, &sd.device)? * ddim.init_noise_sigma())?;
     let mut latents = vec![x.clone()];
     let mut log_probs = Vec::with_capacity(request.steps);
+    let mut outputs = Vec::with_capacity(request.steps);
+    let hook = adapter.map(|a| a as &dyn CrossAttnHook);
     for &t in ddim.timesteps() {
-        let out = conditioning
-            .predict(&sd.unet, &x, t, Some(adapter))?
-            .detach();
+        let out = conditioning.predict(&sd.unet, &x, t, hook)?.detach();
+        outputs.push(out.clone());
         let step_noise = noise.tensor(&shape, &sd.device)?;
         let step = ddim.step(&out, t, &x, request.eta, Some(&step_noise))?;
         let log_prob = per_dimension_log_prob(&step.transition, &step.prev_sample)?
@@ -82,6 +88,7 @@ pub fn sample(
         conditioning,
         latents,
         log_probs,
+        outputs,
     })
 }
 
@@ -108,14 +115,45 @@ pub fn step_log_prob(
     step: usize,
     items: &Tensor,
 ) -> Result<Tensor> {
+    let (x, out) = adapter_output(sd, adapter, traj, step, items)?;
     let t = traj.ddim.timesteps()[step];
-    let x = traj.latents[step].index_select(items, 0)?;
-    let x_prev = traj.latents[step + 1].index_select(items, 0)?;
-    let conditioning = traj.conditioning.select(items)?;
-    let out = conditioning.predict(&sd.unet, &x, t, Some(adapter))?;
     let transition = traj.ddim.transition(&out, t, &x, traj.request.eta)?;
+    let x_prev = traj.latents[step + 1].index_select(items, 0)?;
     match per_dimension_log_prob(&transition, &x_prev)? {
         Some(log_prob) => Ok(log_prob),
         None => candle_core::bail!("step {step} of the trajectory is deterministic"),
     }
+}
+
+/// Mean squared difference [items] between the adapter's guided noise prediction and the stored
+/// one of the policy that sampled the trajectory, at the stored step `step`. It is that step's KL
+/// divergence scaled by 2σ²/c², c being how much the noise prediction moves the mean: the
+/// weighting of the plain diffusion loss, which keeps the last, nearly deterministic steps
+/// (σ → 0) from swamping the rest.
+pub fn step_output_drift(
+    sd: &StableDiffusion,
+    adapter: &ErasureAdapter,
+    traj: &Trajectories,
+    step: usize,
+    items: &Tensor,
+) -> Result<Tensor> {
+    let (_, out) = adapter_output(sd, adapter, traj, step, items)?;
+    let shift = (out - traj.outputs[step].index_select(items, 0)?)?;
+    shift.sqr()?.flatten_from(1)?.mean(1)
+}
+
+/// The stored x_t of step `step` for batch `items`, and the adapter's guided output there, with
+/// gradients to its variables.
+fn adapter_output(
+    sd: &StableDiffusion,
+    adapter: &ErasureAdapter,
+    traj: &Trajectories,
+    step: usize,
+    items: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let t = traj.ddim.timesteps()[step];
+    let x = traj.latents[step].index_select(items, 0)?;
+    let conditioning = traj.conditioning.select(items)?;
+    let out = conditioning.predict(&sd.unet, &x, t, Some(adapter))?;
+    Ok((x, out))
 }

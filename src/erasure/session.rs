@@ -14,9 +14,9 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use super::preset::PROMPT_SHUFFLE_SEED;
-use super::preset::Preset;
+use super::preset::{Preset, PromptKind};
 use super::setup::{self, Scorers};
-use super::trainer::{EpochMetrics, ErasureTrainer};
+use super::trainer::{EpochMetrics, ErasureTrainer, TrainingPrompts};
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
 use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
@@ -171,10 +171,10 @@ pub fn resume(
 
 /// The prompts of the preview grids' columns.
 pub fn preview_prompts(preset: &Preset) -> anyhow::Result<Vec<String>> {
-    let (_, held_out) = preset.target_split()?;
-    let mut prompts = spread(&held_out, PREVIEW_TARGETS);
-    prompts.extend(spread(&preset.neighbour_prompts()?, PREVIEW_OTHERS));
-    prompts.extend(spread(&preset.neutral_prompts()?, PREVIEW_OTHERS));
+    let held_out = |set| Ok::<_, anyhow::Error>(preset.split(set)?.1);
+    let mut prompts = spread(&held_out(PromptKind::Target)?, PREVIEW_TARGETS);
+    prompts.extend(spread(&held_out(PromptKind::Neighbours)?, PREVIEW_OTHERS));
+    prompts.extend(spread(&held_out(PromptKind::Neutral)?, PREVIEW_OTHERS));
     Ok(prompts)
 }
 
@@ -238,11 +238,14 @@ fn execute(
 ) -> anyhow::Result<RunEnd> {
     let sd = setup::load_model(&preset.model, device)?;
     let (reward, _) = Scorers::new(sd.source.root(), device).reward(preset)?;
-    let (train_prompts, _) = preset.target_split()?;
+    let prompts = TrainingPrompts {
+        target: preset.split(PromptKind::Target)?.0,
+        preservation: preset.preservation_prompts()?,
+    };
     let mut trainer = ErasureTrainer::new(
         &sd,
         &reward,
-        train_prompts,
+        prompts,
         preset.sampling.clone(),
         image_size(preset, &sd)?,
         preset.adapter,

@@ -57,6 +57,14 @@ pub struct DdpoConfig {
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
+    /// Weight of the preservation term: the mean squared difference between the adapter's
+    /// guided noise predictions and the original model's along the original model's
+    /// trajectories on neighbour and neutral prompts, added to every update. 0 trains on the
+    /// reward alone, as the paper does.
+    pub preservation_weight: f64,
+    /// Trajectories the original model samples each epoch from the preservation prompts, to
+    /// hold the adapter to.
+    pub preservation_samples: usize,
     pub seed: u64,
 }
 
@@ -77,6 +85,8 @@ impl Default for DdpoConfig {
             learning_rate: 3e-4,
             weight_decay: 1e-4,
             max_grad_norm: 1.0,
+            preservation_weight: 0.0,
+            preservation_samples: 8,
             seed: 0,
         }
     }
@@ -148,6 +158,16 @@ impl DdpoConfig {
                 "ddpo.max_grad_norm",
                 "must be a positive number",
             ),
+            (
+                self.preservation_weight >= 0.0 && self.preservation_weight.is_finite(),
+                "ddpo.preservation_weight",
+                "must be a number ≥ 0",
+            ),
+            (
+                self.preservation_samples > 0,
+                "ddpo.preservation_samples",
+                "must be at least 1",
+            ),
         ];
         for (ok, field, what) in checks {
             if !ok {
@@ -201,6 +221,11 @@ pub struct EpochMetrics {
     pub loss: f64,
     pub clip_fraction: f64,
     pub approx_kl: f64,
+    /// Mean preservation term (unweighted) before each update: how far the adapter's noise
+    /// predictions moved from the original model's on the preservation prompts; absent without
+    /// a preservation term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preservation_drift: Option<f64>,
     /// Mean gradient norm (before clipping) of the applied updates.
     pub grad_norm: f64,
     pub updates: usize,
@@ -216,11 +241,20 @@ pub struct EpochMetrics {
     pub seconds: f64,
 }
 
+/// What a run trains on.
+pub struct TrainingPrompts {
+    /// Prompts asking for the concept, sampled and rewarded.
+    pub target: Vec<String>,
+    /// Prompts whose images must not change (neighbours and neutral), held to the original
+    /// model by the preservation term.
+    pub preservation: Vec<String>,
+}
+
 /// A DDPO run in memory: the adapter, its optimiser and the epochs done.
 pub struct ErasureTrainer<'a> {
     sd: &'a StableDiffusion,
     reward: &'a ErasureReward,
-    prompts: Vec<String>,
+    prompts: TrainingPrompts,
     sampling: SamplingSpec,
     size: usize,
     config: DdpoConfig,
@@ -237,15 +271,24 @@ impl<'a> ErasureTrainer<'a> {
     pub fn new(
         sd: &'a StableDiffusion,
         reward: &'a ErasureReward,
-        prompts: Vec<String>,
+        prompts: TrainingPrompts,
         sampling: SamplingSpec,
         size: usize,
         adapter_config: AdapterConfig,
         config: DdpoConfig,
     ) -> anyhow::Result<Self> {
         config.validate()?;
-        if prompts.is_empty() {
-            anyhow::bail!("no training prompts");
+        if prompts.target.is_empty() {
+            anyhow::bail!(
+                "no target prompts to train on: every one is held out for evaluation; add \
+                 prompts or lower `prompts.held_out`"
+            );
+        }
+        if config.preservation_weight > 0.0 && prompts.preservation.is_empty() {
+            anyhow::bail!(
+                "field `ddpo.preservation_weight` is above 0 but there are no neighbour or \
+                 neutral prompts to train on; add some, or set it to 0"
+            );
         }
         let adapter = ErasureAdapter::new(
             &sd.unet,
@@ -348,22 +391,26 @@ impl<'a> ErasureTrainer<'a> {
             if stop() {
                 return Ok(None);
             }
-            let request = GenerateRequest {
-                prompts: prompts.to_vec(),
-                negative_prompt: self.sampling.negative_prompt.clone(),
-                // Item i uses seed + i: training seeds stay below 2^32 + batch size, far
-                // from the evaluation (2^40) and preview (2^41) seeds.
-                seed: u64::from(rng.random::<u32>()),
-                steps: self.sampling.steps,
-                guidance_scale: self.sampling.guidance_scale,
-                width: self.size,
-                height: self.size,
-                eta: self.sampling.eta,
-            };
-            let trajectories = rollout::sample(self.sd, &self.adapter, &request)?;
+            let request = self.request(prompts.to_vec(), &mut rng);
+            let trajectories = rollout::sample(self.sd, Some(&self.adapter), &request)?;
             images.push(decode_images(self.sd, trajectories.final_latents())?);
             batches.push(trajectories);
         }
+        let reference = if c.preservation_weight > 0.0 {
+            if stop() {
+                return Ok(None);
+            }
+            let prompts = (0..c.preservation_samples)
+                .map(|_| {
+                    self.prompts.preservation[rng.random_range(0..self.prompts.preservation.len())]
+                        .clone()
+                })
+                .collect();
+            let request = self.request(prompts, &mut rng);
+            Some(rollout::sample(self.sd, None, &request)?)
+        } else {
+            None
+        };
         let seconds_sampling = started.elapsed().as_secs_f64();
 
         let reward_started = Instant::now();
@@ -381,6 +428,7 @@ impl<'a> ErasureTrainer<'a> {
             loss: f64::NAN,
             clip_fraction: f64::NAN,
             approx_kl: f64::NAN,
+            preservation_drift: None,
             grad_norm: f64::NAN,
             updates: 0,
             skipped_updates: 0,
@@ -407,7 +455,12 @@ impl<'a> ErasureTrainer<'a> {
                     Baseline::Batch => usize::MAX,
                 };
                 let adv = advantages(&epoch_prompts, &rewards.total, min_group, c.advantage_clip)?;
-                if !self.train_on(&batches, &adv, &mut rng, &mut metrics, stop)? {
+                let data = EpochData {
+                    batches: &batches,
+                    advantages: &adv,
+                    reference: reference.as_ref(),
+                };
+                if !self.train_on(&data, &mut rng, &mut metrics, stop)? {
                     return Ok(None);
                 }
             }
@@ -418,39 +471,58 @@ impl<'a> ErasureTrainer<'a> {
         Ok(Some(metrics))
     }
 
+    /// A sampling request for `prompts` with the run's settings and a seed from `rng`.
+    fn request(&self, prompts: Vec<String>, rng: &mut impl Rng) -> GenerateRequest {
+        GenerateRequest {
+            prompts,
+            negative_prompt: self.sampling.negative_prompt.clone(),
+            // Item i uses seed + i: training seeds stay below 2^32 + batch size, far from the
+            // evaluation (2^40) and preview (2^41) seeds.
+            seed: u64::from(rng.random::<u32>()),
+            steps: self.sampling.steps,
+            guidance_scale: self.sampling.guidance_scale,
+            width: self.size,
+            height: self.size,
+            eta: self.sampling.eta,
+        }
+    }
+
     /// The epoch's prompts, each repeated `samples_per_prompt` times, adjacent: distinct
     /// prompts while the training set has enough, then drawn again.
     fn draw_prompts(&self, rng: &mut impl Rng) -> Vec<String> {
         let c = &self.config;
         let distinct = c.samples_per_epoch() / c.samples_per_prompt;
+        let targets = &self.prompts.target;
         let mut order: Vec<usize> = Vec::with_capacity(distinct);
         while order.len() < distinct {
-            let mut all: Vec<usize> = (0..self.prompts.len()).collect();
+            let mut all: Vec<usize> = (0..targets.len()).collect();
             all.shuffle(rng);
             order.extend(all.into_iter().take(distinct - order.len()));
         }
         order
             .into_iter()
-            .flat_map(|i| std::iter::repeat_n(self.prompts[i].clone(), c.samples_per_prompt))
+            .flat_map(|i| std::iter::repeat_n(targets[i].clone(), c.samples_per_prompt))
             .collect()
     }
 
-    /// The PPO passes over an epoch's batches. Returns false if `stop` interrupted them; the
-    /// weights and optimiser are then put back as they were before the epoch.
+    /// The PPO passes over an epoch's batches, each update with its preservation pass. Returns
+    /// false if `stop` interrupted them; the weights and optimiser are then put back as they
+    /// were before the epoch.
     fn train_on(
         &mut self,
-        batches: &[Trajectories],
-        adv: &[f64],
+        data: &EpochData,
         rng: &mut impl Rng,
         metrics: &mut EpochMetrics,
         stop: &dyn Fn() -> bool,
     ) -> anyhow::Result<bool> {
         let c = self.config.clone();
+        let (batches, adv) = (data.batches, data.advantages);
         let eligible = ((self.sampling.steps as f64 * c.early_steps).ceil() as usize)
             .clamp(1, self.sampling.steps);
         let trained_steps =
             ((eligible as f64 * c.timestep_fraction).ceil() as usize).clamp(1, eligible);
         let (mut losses, mut clip_fractions, mut kls, mut norms) = (vec![], vec![], vec![], vec![]);
+        let mut drifts = vec![];
         let snapshot = self.snapshot()?;
         for _ in 0..c.inner_epochs {
             let mut order: Vec<usize> = (0..eligible).collect();
@@ -495,6 +567,18 @@ impl<'a> ErasureTrainer<'a> {
                 }
                 // The mean over the passes taken.
                 self.scale(&mut accumulated, 1.0 / taken as f64)?;
+                if let Some(reference) = data.reference {
+                    let drift = self.preservation_pass(reference, rng)?;
+                    let value = drift.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    drifts.push(value);
+                    if value.is_finite() {
+                        let scaled = (drift * c.preservation_weight)?;
+                        self.accumulate(&mut accumulated, &scaled.backward()?)?;
+                    } else {
+                        eprintln!("preservation term is {value}; left out of this update");
+                        metrics.skipped_losses += 1;
+                    }
+                }
                 match self.opt.step(&accumulated)? {
                     StepOutcome::Applied { grad_norm } => {
                         metrics.updates += 1;
@@ -517,8 +601,22 @@ impl<'a> ErasureTrainer<'a> {
         metrics.loss = mean(&losses);
         metrics.clip_fraction = mean(&clip_fractions);
         metrics.approx_kl = mean(&kls);
+        metrics.preservation_drift = (!drifts.is_empty()).then(|| mean(&drifts));
         metrics.grad_norm = mean(&norms);
         Ok(true)
+    }
+
+    /// The preservation term at one random step of the reference trajectories, with gradients
+    /// to the adapter.
+    fn preservation_pass(
+        &self,
+        reference: &Trajectories,
+        rng: &mut impl Rng,
+    ) -> candle_core::Result<Tensor> {
+        let step = rng.random_range(0..reference.steps());
+        let n = reference.request.prompts.len() as u32;
+        let items = Tensor::arange(0u32, n, &self.sd.device)?;
+        rollout::step_output_drift(self.sd, &self.adapter, reference, step, &items)?.mean(0)
     }
 
     /// A copy of the weights and optimiser state, to undo a partly trained epoch.
@@ -565,6 +663,15 @@ impl<'a> ErasureTrainer<'a> {
         }
         Ok(())
     }
+}
+
+/// What an epoch trains on once its samples are scored.
+struct EpochData<'e> {
+    batches: &'e [Trajectories],
+    /// One per sample, in batch order.
+    advantages: &'e [f64],
+    /// The original model's trajectories on preservation prompts, when that term is on.
+    reference: Option<&'e Trajectories>,
 }
 
 struct Snapshot {
