@@ -217,9 +217,12 @@ pub struct EpochMetrics {
     pub reward_erase: Spread,
     pub reward_align: Spread,
     pub reward_total: Spread,
-    /// Mean PPO loss over the backward passes taken.
+    /// Mean PPO loss over the backward passes taken; NaN (JSON `null`) when none was.
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub clip_fraction: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub approx_kl: f64,
     /// Mean preservation term (unweighted) before each update: how far the adapter's noise
     /// predictions moved from the original model's on the preservation prompts; absent without
@@ -227,6 +230,7 @@ pub struct EpochMetrics {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preservation_drift: Option<f64>,
     /// Mean gradient norm (before clipping) of the applied updates.
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     pub updates: usize,
     /// Updates dropped because a gradient was not finite or every loss of their group was not.
@@ -239,6 +243,12 @@ pub struct EpochMetrics {
     pub seconds_reward: f64,
     pub seconds_training: f64,
     pub seconds: f64,
+}
+
+/// JSON has no NaN: serde_json writes it as `null`, which reads back as NaN here, so the
+/// metrics of an epoch that took no update survive a resume.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 /// What a run trains on.
@@ -709,6 +719,39 @@ fn split_evenly<T>(items: &[T], groups: usize) -> Vec<&[T]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_of_an_epoch_without_updates_read_back() {
+        let spread = Spread {
+            mean: 0.5,
+            std: 0.1,
+        };
+        let m = EpochMetrics {
+            epoch: 3,
+            p_concept: spread,
+            reward_erase: spread,
+            reward_align: spread,
+            reward_total: spread,
+            loss: f64::NAN,
+            clip_fraction: f64::NAN,
+            approx_kl: f64::NAN,
+            preservation_drift: None,
+            grad_norm: f64::NAN,
+            updates: 0,
+            skipped_updates: 0,
+            skipped_losses: 0,
+            skipped_reason: Some("total reward of sample 2 is NaN".into()),
+            seconds_sampling: 1.0,
+            seconds_reward: 0.5,
+            seconds_training: 0.0,
+            seconds: 1.5,
+        };
+        let line = serde_json::to_string(&m).unwrap();
+        assert!(line.contains("\"loss\":null"), "{line}");
+        let back: EpochMetrics = serde_json::from_str(&line).unwrap();
+        assert!(back.loss.is_nan() && back.approx_kl.is_nan() && back.grad_norm.is_nan());
+        assert_eq!((back.epoch, back.skipped_reason), (3, m.skipped_reason));
+    }
 
     #[test]
     fn passes_split_into_groups_of_nearly_equal_length() {
