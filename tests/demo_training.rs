@@ -131,8 +131,27 @@ fn micro_recipe_writes_a_loadable_model_and_resumes() {
     let log = recipe::build(&Recipe::micro(0), &out, &Device::Cpu).unwrap();
     assert_eq!(
         log.stages.keys().collect::<Vec<_>>(),
-        ["clip", "latents", "tokenizer", "unet", "vae", "vae_decoder"]
+        [
+            "clip",
+            "clip_generated",
+            "latents",
+            "tokenizer",
+            "unet",
+            "vae",
+            "vae_decoder"
+        ]
     );
+    // The last stage changed the CLIP's image tower only: its text tower is still the text
+    // encoder's.
+    let clip = common::load(&out.join("clip/model.safetensors"));
+    let text_encoder = common::load(&out.join("text_encoder/model.safetensors"));
+    for (name, tensor) in &text_encoder {
+        assert_eq!(
+            common::max_abs(&(tensor - &clip[name]).unwrap()),
+            0.0,
+            "{name}"
+        );
+    }
     // Loaded like any Stable Diffusion folder, it generates.
     let sd = StableDiffusion::load(
         &ModelSource::folder(&out).unwrap(),

@@ -179,3 +179,37 @@ fn the_clip_detector_sees_its_concept_and_the_reward_combines_its_parts() {
     let r = concept_erasing_reward(&broken, &clip, &images, &prompts, &[], "", &weights).unwrap();
     assert!(r.erase[1].is_nan() && r.total.iter().all(|t| t.is_nan()));
 }
+
+/// The shipped CLIP reads shapes on the demo model's own images (10 DDIM steps, as the demo
+/// presets sample in training), which its reward depends on; before its last recipe stage it
+/// read them barely better than chance.
+#[test]
+fn shipped_clip_reads_objects_on_generated_images() {
+    use erasure_studio::demo_world::clip_generated::{accuracy_on, generate};
+    use erasure_studio::engine::tokenizer::ClipTokenizer;
+    use erasure_studio::engine::{ModelSource, StableDiffusion};
+
+    let dir = demo_model_dir().unwrap();
+    let sd = StableDiffusion::load(
+        &ModelSource::folder(&dir).unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let set = generate(&sd, 128, 12345).unwrap();
+    let model = erasure_studio::engine::clip_model::ClipModel::load(
+        &dir.join("clip"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
+    let accuracy = accuracy_on(&model, &tokenizer, &set, &Device::Cpu).unwrap();
+    println!("zero-shot accuracy on 128 generated images: {accuracy:?}");
+    // Before that stage: object 38.9 %, colour 82.8 %, fill 69.1 %, background 84.2 % (512 images).
+    assert!(accuracy[0] >= 0.5, "object {:.3}", accuracy[0]);
+    assert!(
+        accuracy[1] >= 0.95 && accuracy[2] >= 0.85 && accuracy[3] >= 0.93,
+        "{accuracy:?}"
+    );
+}

@@ -122,17 +122,10 @@ fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<
     (log_p * targets)?.sum(D::Minus1)?.mean_all()?.neg()
 }
 
-/// Zero-shot accuracy [object, colour, fill, background] of `model` on `count` scenes from
-/// `seed`: each attribute is read by the best-matching prompt among its values ("a star", "a red
-/// shape", "a striped shape", "a shape on a black background").
-pub fn zero_shot_accuracy(
-    model: &ClipModel,
-    tokenizer: &ClipTokenizer,
-    count: usize,
-    seed: u64,
-    device: &Device,
-) -> anyhow::Result<[f64; 4]> {
-    let prompts: [Vec<String>; 4] = [
+/// Each attribute's zero-shot prompts, one per value in index order: "a star", "a red shape", "a
+/// striped shape", "a shape on a black background".
+pub fn attribute_prompts() -> [Vec<String>; 4] {
+    [
         Object::ALL
             .iter()
             .map(|o| format!("a {}", o.word()))
@@ -149,7 +142,20 @@ pub fn zero_shot_accuracy(
             .iter()
             .map(|b| format!("a shape on a {} background", b.word()))
             .collect(),
-    ];
+    ]
+}
+
+/// Zero-shot accuracy [object, colour, fill, background] of `model` on `count` scenes from
+/// `seed`: each attribute is read by the best-matching prompt among its values ("a star", "a red
+/// shape", "a striped shape", "a shape on a black background").
+pub fn zero_shot_accuracy(
+    model: &ClipModel,
+    tokenizer: &ClipTokenizer,
+    count: usize,
+    seed: u64,
+    device: &Device,
+) -> anyhow::Result<[f64; 4]> {
+    let prompts = attribute_prompts();
     let text_features = prompts
         .iter()
         .map(|texts| {

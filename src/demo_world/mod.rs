@@ -5,6 +5,7 @@
 
 pub mod architecture;
 pub mod captions;
+pub mod clip_generated;
 pub mod clip_training;
 pub mod judge;
 pub mod quality;

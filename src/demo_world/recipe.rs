@@ -1,5 +1,6 @@
 //! `demo-world train`: builds the whole demo model from scratch into a diffusers pipeline
-//! folder. Stages run in order — tokenizer, CLIP, VAE, latents, UNet — and each is skipped when
+//! folder. Stages run in order — tokenizer, CLIP, VAE, latents, UNet, VAE decoder, the CLIP's
+//! image tower on generated images — and each is skipped when
 //! its output exists, so a rerun after an interruption resumes where it stopped (mid-stage from
 //! the stage's checkpoint under `checkpoints/`).
 
@@ -13,13 +14,17 @@ use candle_nn::VarMap;
 use serde::Serialize;
 
 use super::architecture;
+use super::clip_generated;
 use super::clip_training::{self, ClipTraining, IMAGE_MEAN, IMAGE_STD};
 use super::unet_training::{self, LatentDataset, UNetTraining};
 use super::vae_training::{self, VaePhase, VaeTraining};
 use super::vocab;
+use crate::engine::StableDiffusion;
+use crate::engine::clip_model::ClipModel;
 use crate::engine::ddim::SchedulerConfig;
 use crate::engine::model::ModelSource;
 use crate::engine::tokenizer::ClipTokenizer;
+use crate::train::init::seeded_var_builder;
 use crate::train::run::{print_every, seconds_recorded};
 
 /// Everything that decides the trained model.
@@ -35,6 +40,10 @@ pub struct Recipe {
     pub dataset: usize,
     pub dataset_seed: u64,
     pub unet: UNetTraining,
+    /// Images the finished generator draws for the CLIP's last stage.
+    pub clip_generated_images: usize,
+    /// The CLIP image tower's training on those images (the text tower stays as it is).
+    pub clip_generated: ClipTraining,
     /// Print a progress line every this many steps.
     pub report_every: usize,
     /// Held-out scenes for each stage's figures (CLIP zero-shot accuracy, VAE PSNR).
@@ -76,6 +85,13 @@ impl Recipe {
                 ema_decay: 0.999,
                 seed: seed + 2,
             },
+            clip_generated_images: 2048,
+            clip_generated: ClipTraining {
+                steps: 600,
+                batch: 64,
+                lr: 1e-3,
+                seed: seed + 6,
+            },
             report_every: 50,
             evaluation_images: 512,
         }
@@ -95,6 +111,9 @@ impl Recipe {
         r.evaluation_images = 8;
         r.unet.steps = 3;
         r.unet.batch = 4;
+        r.clip_generated_images = 8;
+        r.clip_generated.steps = 3;
+        r.clip_generated.batch = 4;
         r.report_every = 1;
         r
     }
@@ -208,13 +227,7 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             device,
             print_every(recipe.report_every),
         )?;
-        let accuracy = clip_training::zero_shot_accuracy(
-            &model,
-            &tokenizer,
-            recipe.evaluation_images,
-            99,
-            device,
-        )?;
+        let accuracy = zero_shot_on_renders(&model, &tokenizer, recipe, device)?;
         eprintln!("clip: zero-shot accuracy {}", format_accuracy(&accuracy));
         write_json(
             &out.join("text_encoder/config.json"),
@@ -348,6 +361,52 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             figures: BTreeMap::from([("psnr_db".to_string(), psnr)]),
         })
     })?;
+
+    let checkpoint = work.join("clip_generated.safetensors");
+    log.run_stage(&log_path, "clip_generated", Some(&checkpoint), || {
+        let settings = &recipe.clip_generated;
+        let sd = StableDiffusion::load(&ModelSource::folder(out)?, device, DType::F32)?;
+        eprintln!(
+            "clip_generated: drawing {} training and {} held-out images",
+            recipe.clip_generated_images, recipe.evaluation_images
+        );
+        let set = clip_generated::generate(&sd, recipe.clip_generated_images, settings.seed)?;
+        let held_out = clip_generated::generate(&sd, recipe.evaluation_images, settings.seed + 1)?;
+        let weights = out.join("clip/model.safetensors");
+        let mut vars = VarMap::new();
+        let model = ClipModel::new(
+            seeded_var_builder(&vars, settings.seed, DType::F32, device),
+            &architecture::parsed_clip(vocab_size)?,
+        )?;
+        vars.load(&weights)
+            .with_context(|| format!("loading {}", weights.display()))?;
+        let before = clip_generated::accuracy_on(&model, &tokenizer, &held_out, device)?;
+        let losses = clip_generated::train_image_tower(
+            &model,
+            &vars,
+            &tokenizer,
+            &set,
+            settings,
+            Some(&checkpoint),
+            print_every(recipe.report_every),
+        )?;
+        let after = clip_generated::accuracy_on(&model, &tokenizer, &held_out, device)?;
+        eprintln!(
+            "clip_generated: zero-shot accuracy on held-out generated images {} → {}",
+            format_accuracy(&before),
+            format_accuracy(&after)
+        );
+        let renders = zero_shot_on_renders(&model, &tokenizer, recipe, device)?;
+        save_vars(&vars, "", &weights)?;
+        let mut figures = accuracy_figures("generated_before", &before);
+        figures.extend(accuracy_figures("generated", &after));
+        figures.extend(accuracy_figures("zero_shot", &renders));
+        Ok(StageResult {
+            final_loss: tail_mean(&losses),
+            figures,
+        })
+    })?;
+
     Ok(log)
 }
 
@@ -382,6 +441,16 @@ fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     crate::fs::write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
+}
+
+/// The CLIP's zero-shot accuracy on the recipe's held-out rendered scenes.
+fn zero_shot_on_renders(
+    model: &ClipModel,
+    tokenizer: &ClipTokenizer,
+    recipe: &Recipe,
+    device: &Device,
+) -> anyhow::Result<[f64; 4]> {
+    clip_training::zero_shot_accuracy(model, tokenizer, recipe.evaluation_images, 99, device)
 }
 
 /// Writes the variables whose names start with `prefix` (all when empty), atomically.

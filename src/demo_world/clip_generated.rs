@@ -1,0 +1,166 @@
+//! The CLIP scorer's last stage: its image tower learns the world's attributes on images the
+//! finished generator drew.
+//!
+//! The contrastive stage sees only rendered scenes, and contrastive batches rarely need the
+//! object to tell captions apart. The CLIP then reads colours and backgrounds perfectly but
+//! shapes poorly, and worse still on generated images, which are softer than renders: its star
+//! score separated generated stars from other shapes with an AUC of 0.80. As the reward of the
+//! demo presets it was easy to game. This stage trains each attribute's zero-shot choice ("a
+//! star", "a red shape", …) on generated images labelled by their prompts, with the text tower
+//! frozen: that tower is the demo model's text encoder, which the UNet was trained on.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use rand::Rng;
+
+use super::Caption;
+use super::clip_training::{ClipTraining, attribute_prompts, pixel_values};
+use super::judge::Attributes;
+use super::scene::Scene;
+use crate::engine::StableDiffusion;
+use crate::engine::clip_model::{ClipModel, unit_length};
+use crate::engine::clip_text::ids_tensor;
+use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::tokenizer::ClipTokenizer;
+use crate::train::run::{self, Progress, Run, Schedule, sorted_params, step_rng};
+use crate::train::{AdamW, AdamWConfig};
+
+/// CLIP caps the learned temperature at 100.
+const MAX_LOGIT_SCALE: f64 = 100.0;
+/// Images generated per batch.
+const GENERATION_BATCH: usize = 32;
+/// DDIM steps of the generated images: those of the demo presets' training samples.
+pub const SAMPLING_STEPS: usize = 10;
+
+/// Generated images and the attributes their prompts asked for.
+pub struct GeneratedSet {
+    /// [N, 3, H, W] in [0, 1].
+    pub images: Tensor,
+    /// Class index per attribute head, per image.
+    pub labels: Vec<[usize; 4]>,
+}
+
+/// Draws `count` images from `sd`, each prompted with the full caption of random attributes,
+/// deterministically (DDIM η = 0) with [`SAMPLING_STEPS`] steps and guidance 5, as the demo
+/// presets sample in training.
+pub fn generate(sd: &StableDiffusion, count: usize, seed: u64) -> anyhow::Result<GeneratedSet> {
+    let mut rng = step_rng(seed, 0);
+    let scenes: Vec<Scene> = (0..count).map(|_| Scene::sample(&mut rng)).collect();
+    let mut images = Vec::with_capacity(count.div_ceil(GENERATION_BATCH));
+    for (i, chunk) in scenes.chunks(GENERATION_BATCH).enumerate() {
+        let request = GenerateRequest {
+            prompts: chunk.iter().map(|s| Caption::full(s).text).collect(),
+            negative_prompt: String::new(),
+            // Item j of batch i uses this + j: far from the seeds anything else draws with.
+            seed: seed.wrapping_mul(1 << 20) + (i * GENERATION_BATCH) as u64,
+            steps: SAMPLING_STEPS,
+            guidance_scale: 5.0,
+            width: 64,
+            height: 64,
+            eta: 0.0,
+        };
+        images.push(txt2img(sd, &request, SampleHooks::default())?.1);
+    }
+    Ok(GeneratedSet {
+        images: Tensor::cat(&images, 0)?,
+        labels: scenes
+            .iter()
+            .map(|s| Attributes::from(s).indices())
+            .collect(),
+    })
+}
+
+/// Fine-tunes the image tower, its projection and the temperature of `model` (variables `vars`)
+/// on `set`: the sum over attributes of the cross-entropy of the zero-shot choice. Resumes from
+/// `checkpoint` when it exists.
+pub fn train_image_tower(
+    model: &ClipModel,
+    vars: &VarMap,
+    tokenizer: &ClipTokenizer,
+    set: &GeneratedSet,
+    settings: &ClipTraining,
+    checkpoint: Option<&std::path::Path>,
+    report: impl FnMut(&Progress),
+) -> anyhow::Result<Vec<f64>> {
+    let device = set.images.device().clone();
+    let mut params = sorted_params(vars);
+    params.retain(|(name, _)| {
+        name.starts_with("vision_model.")
+            || name.starts_with("visual_projection.")
+            || name == "logit_scale"
+    });
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            lr: settings.lr,
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+    )?;
+    let texts = attribute_prompts()
+        .iter()
+        .map(|texts| {
+            let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t)).collect();
+            Ok(unit_length(&model.text_embeds(&ids_tensor(&ids, &device)?)?)?.detach())
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let run = Run {
+        name: "clip_generated",
+        schedule: Schedule::warmup_cosine(settings.steps, settings.lr),
+        checkpoint,
+        checkpoint_every: 200,
+    };
+    let count = set.labels.len();
+    run::train(
+        &run,
+        &mut opt,
+        |step| {
+            let mut rng = step_rng(settings.seed, step);
+            let picks: Vec<usize> = (0..settings.batch)
+                .map(|_| rng.random_range(0..count))
+                .collect();
+            let index = Tensor::new(picks.iter().map(|&i| i as u32).collect::<Vec<_>>(), &device)?;
+            let images = set.images.index_select(&index, 0)?;
+            let image = unit_length(&model.image_embeds(&pixel_values(&images)?)?)?;
+            let scale = model.logit_scale()?.clamp(0.0, MAX_LOGIT_SCALE)?;
+            let mut loss = Tensor::zeros((), DType::F32, &device)?;
+            for (head, head_texts) in texts.iter().enumerate() {
+                let labels: Vec<u32> = picks.iter().map(|&i| set.labels[i][head] as u32).collect();
+                let logits = image.matmul(&head_texts.t()?)?.broadcast_mul(&scale)?;
+                let ce = candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels, &device)?)?;
+                loss = (loss + ce)?;
+            }
+            Ok(loss)
+        },
+        report,
+    )
+}
+
+/// Zero-shot accuracy [object, colour, fill, background] of `model` on `set`.
+pub fn accuracy_on(
+    model: &ClipModel,
+    tokenizer: &ClipTokenizer,
+    set: &GeneratedSet,
+    device: &Device,
+) -> anyhow::Result<[f64; 4]> {
+    let prompts = attribute_prompts();
+    let mut correct = [0usize; 4];
+    let count = set.labels.len();
+    for start in (0..count).step_by(128) {
+        let n = (count - start).min(128);
+        let image =
+            unit_length(&model.image_embeds(&pixel_values(&set.images.narrow(0, start, n)?)?)?)?;
+        for (head, texts) in prompts.iter().enumerate() {
+            let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t)).collect();
+            let text = unit_length(&model.text_embeds(&ids_tensor(&ids, device)?)?)?;
+            let picks = image
+                .matmul(&text.t()?)?
+                .argmax(candle_core::D::Minus1)?
+                .to_vec1::<u32>()?;
+            for (i, pick) in picks.iter().enumerate() {
+                correct[head] += usize::from(*pick as usize == set.labels[start + i][head]);
+            }
+        }
+    }
+    Ok(correct.map(|c| c as f64 / count as f64))
+}
