@@ -158,25 +158,18 @@ fn bad_presets_are_refused_with_the_field_named() {
     );
 }
 
-/// A micro DDPO run on a task it can learn in a minute: the demo judge's P(black background) is
-/// rewarded on prompts that leave the background open (α = −1, β = 2), so the share of black
-/// backgrounds at fixed seeds must rise.
-#[test]
-fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
-    let device = Device::Cpu;
-    let sd = setup::load_model("demo", &device).unwrap();
-    let root = sd.source.root().to_path_buf();
-    let black = || {
-        DemoJudge::new(
-            JudgeNet::load(&root.join("judge"), &device).unwrap(),
-            "background",
-            "black",
-        )
-        .unwrap()
-    };
-    let reward = ErasureReward {
-        detector: Box::new(black()),
-        clip: Arc::new(ClipScorer::load(&root.join("clip"), &device).unwrap()),
+/// The demo judge reading black backgrounds, from the demo model at `root`.
+fn black_background_judge(root: &Path) -> DemoJudge {
+    let net = JudgeNet::load(&root.join("judge"), &Device::Cpu).unwrap();
+    DemoJudge::new(net, "background", "black").unwrap()
+}
+
+/// A reward for black backgrounds through the demo judge (α = −1, β = 2, no alignment term):
+/// a task a few DDPO epochs can learn on any prompt that leaves the background open.
+fn black_background_reward(root: &Path) -> ErasureReward {
+    ErasureReward {
+        detector: Box::new(black_background_judge(root)),
+        clip: Arc::new(ClipScorer::load(&root.join("clip"), &Device::Cpu).unwrap()),
         concept_words: vec![],
         anchor: String::new(),
         weights: CerWeights {
@@ -185,7 +178,18 @@ fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
             lambda_erase: 1.0,
             lambda_align: 0.0,
         },
-    };
+    }
+}
+
+/// A micro DDPO run on a task it can learn in a minute: the demo judge's P(black background) is
+/// rewarded on prompts that leave the background open (α = −1, β = 2), so the share of black
+/// backgrounds at fixed seeds must rise.
+#[test]
+fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
+    let device = Device::Cpu;
+    let sd = setup::load_model("demo", &device).unwrap();
+    let root = sd.source.root().to_path_buf();
+    let reward = black_background_reward(&root);
     let mut preset = micro_preset(8);
     preset.sampling.steps = 10;
     preset.evaluation.steps = 10;
@@ -221,7 +225,7 @@ fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
     };
     // The share of black backgrounds at 16 fixed seeds, sampled deterministically: the reward
     // without the luck of the training samples.
-    let judge = black();
+    let judge = black_background_judge(&root);
     let fixed: Vec<String> = prompts
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.clone(), 4))
@@ -264,26 +268,7 @@ fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
 fn the_preservation_term_keeps_preservation_prompts_close_to_the_original() {
     let device = Device::Cpu;
     let sd = setup::load_model("demo", &device).unwrap();
-    let root = sd.source.root().to_path_buf();
-    let reward = ErasureReward {
-        detector: Box::new(
-            DemoJudge::new(
-                JudgeNet::load(&root.join("judge"), &device).unwrap(),
-                "background",
-                "black",
-            )
-            .unwrap(),
-        ),
-        clip: Arc::new(ClipScorer::load(&root.join("clip"), &device).unwrap()),
-        concept_words: vec![],
-        anchor: String::new(),
-        weights: CerWeights {
-            alpha: -1.0,
-            beta: 2.0,
-            lambda_erase: 1.0,
-            lambda_align: 0.0,
-        },
-    };
+    let reward = black_background_reward(sd.source.root());
     let mut preset = micro_preset(3);
     preset.sampling.steps = 5;
     preset.ddpo.batch_size = 4;

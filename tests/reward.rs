@@ -185,7 +185,8 @@ fn the_clip_detector_sees_its_concept_and_the_reward_combines_its_parts() {
 /// read them barely better than chance.
 #[test]
 fn shipped_clip_reads_objects_on_generated_images() {
-    use erasure_studio::demo_world::clip_generated::{accuracy_on, generate};
+    use erasure_studio::demo_world::clip_generated::generate;
+    use erasure_studio::demo_world::clip_training::zero_shot_accuracy_on;
     use erasure_studio::engine::tokenizer::ClipTokenizer;
     use erasure_studio::engine::{ModelSource, StableDiffusion};
 
@@ -204,7 +205,8 @@ fn shipped_clip_reads_objects_on_generated_images() {
     )
     .unwrap();
     let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).unwrap();
-    let accuracy = accuracy_on(&model, &tokenizer, &set, &Device::Cpu).unwrap();
+    let accuracy =
+        zero_shot_accuracy_on(&model, &tokenizer, &set.images, &set.labels, &Device::Cpu).unwrap();
     println!("zero-shot accuracy on 128 generated images: {accuracy:?}");
     // Before that stage: object 38.9 %, colour 82.8 %, fill 69.1 %, background 84.2 % (512 images).
     assert!(accuracy[0] >= 0.5, "object {:.3}", accuracy[0]);

@@ -9,24 +9,21 @@
 //! star", "a red shape", …) on generated images labelled by their prompts, with the text tower
 //! frozen: that tower is the demo model's text encoder, which the UNet was trained on.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 use rand::Rng;
 
 use super::Caption;
-use super::clip_training::{ClipTraining, attribute_prompts, pixel_values};
+use super::clip_training::{ClipTraining, MAX_LOGIT_SCALE, attribute_text_features, pixel_values};
 use super::judge::Attributes;
 use super::scene::Scene;
 use crate::engine::StableDiffusion;
 use crate::engine::clip_model::{ClipModel, unit_length};
-use crate::engine::clip_text::ids_tensor;
 use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
 use crate::engine::tokenizer::ClipTokenizer;
 use crate::train::run::{self, Progress, Run, Schedule, sorted_params, step_rng};
 use crate::train::{AdamW, AdamWConfig};
 
-/// CLIP caps the learned temperature at 100.
-const MAX_LOGIT_SCALE: f64 = 100.0;
 /// Images generated per batch.
 const GENERATION_BATCH: usize = 32;
 /// DDIM steps of the generated images: those of the demo presets' training samples.
@@ -97,13 +94,7 @@ pub fn train_image_tower(
             ..Default::default()
         },
     )?;
-    let texts = attribute_prompts()
-        .iter()
-        .map(|texts| {
-            let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t)).collect();
-            Ok(unit_length(&model.text_embeds(&ids_tensor(&ids, &device)?)?)?.detach())
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let texts = attribute_text_features(model, tokenizer, &device)?;
     let run = Run {
         name: "clip_generated",
         schedule: Schedule::warmup_cosine(settings.steps, settings.lr),
@@ -134,33 +125,4 @@ pub fn train_image_tower(
         },
         report,
     )
-}
-
-/// Zero-shot accuracy [object, colour, fill, background] of `model` on `set`.
-pub fn accuracy_on(
-    model: &ClipModel,
-    tokenizer: &ClipTokenizer,
-    set: &GeneratedSet,
-    device: &Device,
-) -> anyhow::Result<[f64; 4]> {
-    let prompts = attribute_prompts();
-    let mut correct = [0usize; 4];
-    let count = set.labels.len();
-    for start in (0..count).step_by(128) {
-        let n = (count - start).min(128);
-        let image =
-            unit_length(&model.image_embeds(&pixel_values(&set.images.narrow(0, start, n)?)?)?)?;
-        for (head, texts) in prompts.iter().enumerate() {
-            let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t)).collect();
-            let text = unit_length(&model.text_embeds(&ids_tensor(&ids, device)?)?)?;
-            let picks = image
-                .matmul(&text.t()?)?
-                .argmax(candle_core::D::Minus1)?
-                .to_vec1::<u32>()?;
-            for (i, pick) in picks.iter().enumerate() {
-                correct[head] += usize::from(*pick as usize == set.labels[start + i][head]);
-            }
-        }
-    }
-    Ok(correct.map(|c| c as f64 / count as f64))
 }

@@ -22,7 +22,7 @@ use crate::train::{AdamW, AdamWConfig};
 pub const IMAGE_MEAN: f64 = 0.5;
 pub const IMAGE_STD: f64 = 0.5;
 /// CLIP caps the learned temperature at 100.
-const MAX_LOGIT_SCALE: f64 = 100.0;
+pub(crate) const MAX_LOGIT_SCALE: f64 = 100.0;
 
 /// Images [B, 3, 64, 64] in [0, 1] → the image tower's input.
 pub fn pixel_values(images: &Tensor) -> candle_core::Result<Tensor> {
@@ -145,6 +145,21 @@ pub fn attribute_prompts() -> [Vec<String>; 4] {
     ]
 }
 
+/// Unit-length text features of each attribute's [`attribute_prompts`], detached.
+pub fn attribute_text_features(
+    model: &ClipModel,
+    tokenizer: &ClipTokenizer,
+    device: &Device,
+) -> candle_core::Result<Vec<Tensor>> {
+    attribute_prompts()
+        .iter()
+        .map(|texts| {
+            let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t)).collect();
+            Ok(unit_length(&model.text_embeds(&ids_tensor(&ids, device)?)?)?.detach())
+        })
+        .collect()
+}
+
 /// Zero-shot accuracy [object, colour, fill, background] of `model` on `count` scenes from
 /// `seed`: each attribute is read by the best-matching prompt among its values ("a star", "a red
 /// shape", "a striped shape", "a shape on a black background").
@@ -155,36 +170,40 @@ pub fn zero_shot_accuracy(
     seed: u64,
     device: &Device,
 ) -> anyhow::Result<[f64; 4]> {
-    let prompts = attribute_prompts();
-    let text_features = prompts
-        .iter()
-        .map(|texts| {
-            let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t)).collect();
-            unit_length(&model.text_embeds(&ids_tensor(&ids, device)?)?)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut rng = step_rng(seed, 0);
     let scenes: Vec<Scene> = (0..count).map(|_| Scene::sample(&mut rng)).collect();
+    let labels: Vec<[usize; 4]> = scenes
+        .iter()
+        .map(|s| Attributes::from(s).indices())
+        .collect();
+    let images = render_batch(&scenes, device)?;
+    zero_shot_accuracy_on(model, tokenizer, &images, &labels, device)
+}
+
+/// Zero-shot accuracy [object, colour, fill, background] of `model` on `images` [N, 3, H, W] in
+/// [0, 1], whose true class indices are `labels`.
+pub fn zero_shot_accuracy_on(
+    model: &ClipModel,
+    tokenizer: &ClipTokenizer,
+    images: &Tensor,
+    labels: &[[usize; 4]],
+    device: &Device,
+) -> anyhow::Result<[f64; 4]> {
+    let text_features = attribute_text_features(model, tokenizer, device)?;
     let mut correct = [0usize; 4];
-    for chunk in scenes.chunks(128) {
+    for start in (0..labels.len()).step_by(128) {
+        let n = (labels.len() - start).min(128);
         let image =
-            unit_length(&model.image_embeds(&pixel_values(&render_batch(chunk, device)?)?)?)?;
-        let picks: Vec<Vec<u32>> = text_features
-            .iter()
-            .map(|t| image.matmul(&t.t()?)?.argmax(D::Minus1)?.to_vec1::<u32>())
-            .collect::<candle_core::Result<_>>()?;
-        for (i, scene) in chunk.iter().enumerate() {
-            let truth = Attributes::from(scene);
-            let truth = [
-                truth.object.index(),
-                truth.colour.index(),
-                truth.fill.index(),
-                truth.background.index(),
-            ];
-            for head in 0..4 {
-                correct[head] += usize::from(picks[head][i] as usize == truth[head]);
+            unit_length(&model.image_embeds(&pixel_values(&images.narrow(0, start, n)?)?)?)?;
+        for (head, text) in text_features.iter().enumerate() {
+            let picks = image
+                .matmul(&text.t()?)?
+                .argmax(D::Minus1)?
+                .to_vec1::<u32>()?;
+            for (i, pick) in picks.iter().enumerate() {
+                correct[head] += usize::from(*pick as usize == labels[start + i][head]);
             }
         }
     }
-    Ok(correct.map(|c| c as f64 / count as f64))
+    Ok(correct.map(|c| c as f64 / labels.len() as f64))
 }

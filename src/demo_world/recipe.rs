@@ -380,7 +380,16 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
         )?;
         vars.load(&weights)
             .with_context(|| format!("loading {}", weights.display()))?;
-        let before = clip_generated::accuracy_on(&model, &tokenizer, &held_out, device)?;
+        let on_held_out = |model: &ClipModel| {
+            clip_training::zero_shot_accuracy_on(
+                model,
+                &tokenizer,
+                &held_out.images,
+                &held_out.labels,
+                device,
+            )
+        };
+        let before = on_held_out(&model)?;
         let losses = clip_generated::train_image_tower(
             &model,
             &vars,
@@ -390,7 +399,7 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             Some(&checkpoint),
             print_every(recipe.report_every),
         )?;
-        let after = clip_generated::accuracy_on(&model, &tokenizer, &held_out, device)?;
+        let after = on_held_out(&model)?;
         eprintln!(
             "clip_generated: zero-shot accuracy on held-out generated images {} → {}",
             format_accuracy(&before),

@@ -410,11 +410,9 @@ impl<'a> ErasureTrainer<'a> {
             if stop() {
                 return Ok(None);
             }
+            let pool = &self.prompts.preservation;
             let prompts = (0..c.preservation_samples)
-                .map(|_| {
-                    self.prompts.preservation[rng.random_range(0..self.prompts.preservation.len())]
-                        .clone()
-                })
+                .map(|_| pool[rng.random_range(0..pool.len())].clone())
                 .collect();
             let request = self.request(prompts, &mut rng);
             Some(rollout::sample(self.sd, None, &request)?)
