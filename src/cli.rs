@@ -25,11 +25,13 @@ use rand_chacha::ChaCha8Rng;
 #[command(
     name = "erasure-studio",
     version,
-    about = "Concept erasure for Stable Diffusion models"
+    about = "Concept erasure for Stable Diffusion models",
+    long_about = "Concept erasure for Stable Diffusion models. With no command, opens the studio \
+                  window on the demo model (or the model of the last session)."
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Commands,
+    command: Option<Commands>,
 }
 
 #[derive(clap::Args)]
@@ -44,6 +46,12 @@ struct DeviceArgs {
 
 #[derive(Subcommand)]
 enum Commands {
+    /// Open the studio window (the default with no command).
+    Studio {
+        /// Compute device: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Generate images from a prompt (txt2img, or img2img with --init-image).
     Generate {
         /// A diffusers model folder, a Hugging Face repo id found in the local cache, or `demo`
@@ -192,7 +200,11 @@ enum DemoWorldCommand {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command.unwrap_or(Commands::Studio {
+        device: "cpu".into(),
+    });
+    match command {
+        Commands::Studio { device } => erasure_studio::studio::app::run(parse_device(&device)?)?,
         Commands::Generate {
             model,
             prompt,

@@ -1,11 +1,11 @@
 //! The `erase` and `eval` commands: erasure runs from a preset, headless.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use erasure_studio::erasure::session::{self, RunEnd, RunObserver, RunOptions};
+use erasure_studio::erasure::session::{self, Preview, RunEnd, RunObserver, RunOptions};
 use erasure_studio::erasure::trainer::EpochMetrics;
 use erasure_studio::erasure::{evaluate, preset};
 
@@ -59,8 +59,8 @@ impl RunObserver for PrintProgress {
         );
     }
 
-    fn preview(&mut self, path: &Path) {
-        println!("  wrote {}", path.display());
+    fn preview(&mut self, preview: &Preview) {
+        println!("  wrote {}", preview.path.display());
     }
 }
 

@@ -16,4 +16,5 @@ pub mod images;
 pub mod parity;
 pub mod reward;
 pub mod stats;
+pub mod studio;
 pub mod train;

@@ -203,6 +203,15 @@ fn hugging_face_cache_snapshot_is_found_through_refs_main() {
     let found = hf_cache_snapshot_in(&root, "tiny-org/tiny-sd1");
     assert_eq!(found.as_deref(), Some(snapshot.as_path()));
     assert!(hf_cache_snapshot_in(&root, "tiny-org/other").is_none());
+    // The studio's model list finds it by scanning the cache; a repo without a pipeline is left out.
+    let other = root.join("models--tiny-org--not-a-pipeline");
+    std::fs::create_dir_all(other.join("snapshots/x")).unwrap();
+    std::fs::create_dir_all(other.join("refs")).unwrap();
+    std::fs::write(other.join("refs/main"), "x").unwrap();
+    assert_eq!(
+        erasure_studio::engine::model::hf_cached_pipelines(&[root.to_path_buf()]),
+        vec!["tiny-org/tiny-sd1".to_string()]
+    );
     // Through the CLI, with HF_HUB_CACHE set for the child only.
     let out = temp_dir("hf-cli").join("x.png");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))

@@ -181,6 +181,36 @@ pub fn hf_cache_snapshot(repo_id: &str) -> anyhow::Result<Option<PathBuf>> {
     hf_cache_snapshot_under(&hf_cache_roots(), repo_id)
 }
 
+/// Repo ids (`org/name`) of the diffusers pipelines (snapshots with a `model_index.json`) in
+/// the Hugging Face caches under `roots`, sorted.
+pub fn hf_cached_pipelines(roots: &[PathBuf]) -> Vec<String> {
+    let mut found = Vec::new();
+    for root in roots {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(repo_id) = name
+                .strip_prefix("models--")
+                .map(|r| r.replacen("--", "/", 1))
+            else {
+                continue;
+            };
+            let is_pipeline = hf_cache_snapshot_under(std::slice::from_ref(root), &repo_id)
+                .ok()
+                .flatten()
+                .is_some_and(|snapshot| snapshot.join("model_index.json").is_file());
+            if is_pipeline {
+                found.push(repo_id);
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
 /// `hf_cache_snapshot` with explicit cache roots.
 pub fn hf_cache_snapshot_under(
     roots: &[PathBuf],

@@ -375,7 +375,16 @@ pub fn find(spec: &str) -> anyhow::Result<Preset> {
     if named.is_file() {
         return Preset::load(&named);
     }
-    let known: Vec<String> = std::fs::read_dir(presets_dir())
+    bail!(
+        "no preset `{spec}`: not a file, and not one of the presets in {} ({})",
+        presets_dir().display(),
+        names().join(", ")
+    )
+}
+
+/// The names of the presets in [`presets_dir`], sorted.
+pub fn names() -> Vec<String> {
+    std::fs::read_dir(presets_dir())
         .map(|entries| {
             let mut names: Vec<String> = entries
                 .filter_map(|e| e.ok())
@@ -387,12 +396,7 @@ pub fn find(spec: &str) -> anyhow::Result<Preset> {
             names.sort();
             names
         })
-        .unwrap_or_default();
-    bail!(
-        "no preset `{spec}`: not a file, and not one of the presets in {} ({})",
-        presets_dir().display(),
-        known.join(", ")
-    )
+        .unwrap_or_default()
 }
 
 fn require(ok: bool, field: &str, what: &str) -> anyhow::Result<()> {

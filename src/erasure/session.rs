@@ -98,11 +98,26 @@ impl RunDir {
     }
 }
 
+/// A before/after preview, handed to the observer once its grid is written.
+pub struct Preview<'a> {
+    /// The grid PNG: the original model's images above, the adapter's below.
+    pub path: &'a Path,
+    /// Epochs done when it was drawn.
+    pub epoch: usize,
+    /// One per column, same seed per column.
+    pub prompts: &'a [String],
+    /// [N, 3, H, W] in [0, 1], one image per prompt.
+    pub original: &'a Tensor,
+    pub erased: &'a Tensor,
+    /// The adapter as it drew `erased`.
+    pub adapter: &'a ErasureAdapter,
+}
+
 /// What an erase call reports per epoch and at the end.
 pub trait RunObserver {
     fn epoch(&mut self, metrics: &EpochMetrics, total_epochs: usize);
     /// A preview grid was written.
-    fn preview(&mut self, _path: &Path) {}
+    fn preview(&mut self, _preview: &Preview) {}
 }
 
 /// How a run call ended.
@@ -138,22 +153,42 @@ pub fn start(
     stop: &dyn Fn() -> bool,
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
+    if let Some(model) = model {
+        preset.model = model.to_string();
+    }
+    preset.validate()?;
+    ensure_no_run(out)?;
+    let sd = setup::load_model(&preset.model, device)?;
+    start_on(&sd, preset, out, options, stop, observer)
+}
+
+/// Starts a new run of `preset` in `out` on `sd`, a model already loaded from `preset.model`.
+pub fn start_on(
+    sd: &StableDiffusion,
+    preset: Preset,
+    out: &Path,
+    options: RunOptions,
+    stop: &dyn Fn() -> bool,
+    observer: &mut dyn RunObserver,
+) -> anyhow::Result<RunEnd> {
+    ensure_no_run(out)?;
+    preset.validate()?;
     let dir = RunDir::new(out);
-    if dir.preset().exists() {
+    std::fs::create_dir_all(dir.samples())
+        .with_context(|| format!("cannot create run folder {}", out.display()))?;
+    write_atomic(&dir.preset(), preset.to_toml()?.as_bytes())?;
+    execute(&dir, &preset, sd, options, stop, observer)
+}
+
+fn ensure_no_run(out: &Path) -> anyhow::Result<()> {
+    if RunDir::new(out).preset().exists() {
         bail!(
             "{} already holds a run; continue it with `--resume {}` or choose another --out",
             out.display(),
             out.display()
         );
     }
-    if let Some(model) = model {
-        preset.model = model.to_string();
-    }
-    preset.validate()?;
-    std::fs::create_dir_all(dir.samples())
-        .with_context(|| format!("cannot create run folder {}", out.display()))?;
-    write_atomic(&dir.preset(), preset.to_toml()?.as_bytes())?;
-    execute(&dir, &preset, device, options, stop, observer)
+    Ok(())
 }
 
 /// Continues the run in `run`, from its checkpoint.
@@ -164,9 +199,22 @@ pub fn resume(
     stop: &dyn Fn() -> bool,
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
+    let preset = RunDir::new(run).load_preset()?;
+    let sd = setup::load_model(&preset.model, device)?;
+    resume_on(&sd, run, options, stop, observer)
+}
+
+/// Continues the run in `run` on `sd`, a model already loaded from the run's `preset.model`.
+pub fn resume_on(
+    sd: &StableDiffusion,
+    run: &Path,
+    options: RunOptions,
+    stop: &dyn Fn() -> bool,
+    observer: &mut dyn RunObserver,
+) -> anyhow::Result<RunEnd> {
     let dir = RunDir::new(run);
     let preset = dir.load_preset()?;
-    execute(&dir, &preset, device, options, stop, observer)
+    execute(&dir, &preset, sd, options, stop, observer)
 }
 
 /// The prompts of the preview grids' columns.
@@ -231,23 +279,22 @@ pub fn render(
 fn execute(
     dir: &RunDir,
     preset: &Preset,
-    device: &Device,
+    sd: &StableDiffusion,
     options: RunOptions,
     stop: &dyn Fn() -> bool,
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
-    let sd = setup::load_model(&preset.model, device)?;
-    let (reward, _) = Scorers::new(sd.source.root(), device).reward(preset)?;
+    let (reward, _) = Scorers::new(sd.source.root(), &sd.device).reward(preset)?;
     let prompts = TrainingPrompts {
         target: preset.split(PromptKind::Target)?.0,
         preservation: preset.preservation_prompts()?,
     };
     let mut trainer = ErasureTrainer::new(
-        &sd,
+        sd,
         &reward,
         prompts,
         preset.sampling.clone(),
-        image_size(preset, &sd)?,
+        image_size(preset, sd)?,
         preset.adapter,
         preset.ddpo.clone(),
     )?;
@@ -270,7 +317,7 @@ fn execute(
 
     let preview = preview_prompts(preset)?;
     let original_grid = dir.samples().join("original.png");
-    let originals = render(&sd, preset, &preview, PREVIEW_SEED, None)?;
+    let originals = render(sd, preset, &preview, PREVIEW_SEED, None)?;
     if !original_grid.exists() {
         images::save_png(&images::grid(&originals, preview.len())?, &original_grid)?;
     }
@@ -302,8 +349,18 @@ fn execute(
         let done = trainer.epochs_done();
         if done % options.preview_every.max(1) == 0 || done == total {
             let path = dir.samples().join(format!("epoch-{done:04}.png"));
-            write_preview(&sd, preset, &preview, &originals, trainer.adapter(), &path)?;
-            observer.preview(&path);
+            let adapter = trainer.adapter().detached();
+            let erased = render(sd, preset, &preview, PREVIEW_SEED, Some(&adapter))?;
+            let both = Tensor::cat(&[&originals, &erased], 0)?;
+            images::save_png(&images::grid(&both, preview.len())?, &path)?;
+            observer.preview(&Preview {
+                path: &path,
+                epoch: done,
+                prompts: &preview,
+                original: &originals,
+                erased: &erased,
+                adapter: &adapter,
+            });
         }
         if done < total && stop() {
             return Ok(RunEnd::Stopped { epochs_done: done });
@@ -315,18 +372,4 @@ fn execute(
         adapter: dir.adapter(),
         seconds: seconds(),
     })
-}
-
-/// Two rows: the original model's previews above, the adapter's below, same seeds.
-fn write_preview(
-    sd: &StableDiffusion,
-    preset: &Preset,
-    prompts: &[String],
-    originals: &Tensor,
-    adapter: &ErasureAdapter,
-    path: &Path,
-) -> anyhow::Result<()> {
-    let erased = render(sd, preset, prompts, PREVIEW_SEED, Some(&adapter.detached()))?;
-    let both = Tensor::cat(&[originals, &erased], 0)?;
-    images::save_png(&images::grid(&both, prompts.len())?, path)
 }

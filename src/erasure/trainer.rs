@@ -21,7 +21,7 @@ use super::rollout::{self, Trajectories};
 use crate::adapter::{AdapterConfig, ErasureAdapter};
 use crate::engine::StableDiffusion;
 use crate::engine::pipeline::{GenerateRequest, decode_images};
-use crate::reward::cer::{ErasureReward, RewardComponents};
+use crate::reward::cer::{CerWeights, ErasureReward, RewardComponents};
 use crate::stats::mean_std;
 use crate::train::run::{sorted_params, step_rng};
 use crate::train::{AdamW, AdamWConfig, StepOutcome, checkpoint};
@@ -194,6 +194,16 @@ pub enum Baseline {
     Batch,
 }
 
+/// λ1·r_erase + λ2·r_align per image, before standardisation.
+fn unnormalised_total(rewards: &RewardComponents, weights: &CerWeights) -> Vec<f64> {
+    rewards
+        .erase
+        .iter()
+        .zip(&rewards.align)
+        .map(|(e, a)| weights.lambda_erase * e + weights.lambda_align * a)
+        .collect()
+}
+
 /// Mean and standard deviation over an epoch's samples.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
@@ -217,6 +227,10 @@ pub struct EpochMetrics {
     pub reward_erase: Spread,
     pub reward_align: Spread,
     pub reward_total: Spread,
+    /// λ1·r_erase + λ2·r_align before the batch standardisation, whose mean (unlike the
+    /// standardised total's) moves as training goes; absent in runs from before it was logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_unnormalised: Option<Spread>,
     /// Mean PPO loss over the backward passes taken; NaN (JSON `null`) when none was.
     #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
@@ -433,6 +447,10 @@ impl<'a> ErasureTrainer<'a> {
             reward_erase: Spread::of(&rewards.erase),
             reward_align: Spread::of(&rewards.align),
             reward_total: Spread::of(&rewards.total),
+            reward_unnormalised: Some(Spread::of(&unnormalised_total(
+                &rewards,
+                &self.reward.weights,
+            ))),
             loss: f64::NAN,
             clip_fraction: f64::NAN,
             approx_kl: f64::NAN,
@@ -730,6 +748,7 @@ mod tests {
             reward_erase: spread,
             reward_align: spread,
             reward_total: spread,
+            reward_unnormalised: None,
             loss: f64::NAN,
             clip_fraction: f64::NAN,
             approx_kl: f64::NAN,

@@ -1,0 +1,591 @@
+//! The studio's worker thread. It owns every model and runs every job the UI asks for (loading,
+//! training, sampling, evaluation, adapter files); the UI thread only sends [`Command`]s and
+//! draws state built from the [`Event`]s that come back.
+//!
+//! A training run blocks the worker for its whole length, so pausing and cancelling go through a
+//! shared flag the run polls between batches, not through the command queue: commands sent during
+//! a run wait until it stops.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::adapter::ErasureAdapter;
+use crate::engine::StableDiffusion;
+use crate::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
+use crate::engine::unet::CrossAttnHook;
+use crate::erasure::evaluate::{self, Report};
+use crate::erasure::preset::Preset;
+use crate::erasure::session::{self, Preview, RunDir, RunEnd, RunObserver, RunOptions};
+use crate::erasure::setup;
+use crate::erasure::trainer::EpochMetrics;
+use crate::images;
+
+/// An RGB image ready for the screen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picture {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major RGB bytes.
+    pub rgb: Vec<u8>,
+}
+
+impl Picture {
+    /// One picture per image of `images` [N, 3, H, W] in [0, 1].
+    pub fn from_batch(images: &Tensor) -> anyhow::Result<Vec<Picture>> {
+        (0..images.dim(0)?)
+            .map(|i| {
+                let grid = images::grid(&images.narrow(0, i, 1)?, 1)?;
+                Ok(Picture::from(&grid))
+            })
+            .collect()
+    }
+}
+
+impl From<&image::RgbImage> for Picture {
+    fn from(img: &image::RgbImage) -> Self {
+        Self {
+            width: img.width() as usize,
+            height: img.height() as usize,
+            rgb: img.as_raw().clone(),
+        }
+    }
+}
+
+/// The same prompt and seed drawn by the original model and with the adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    pub prompt: String,
+    pub original: Picture,
+    /// None when no adapter is loaded.
+    pub erased: Option<Picture>,
+}
+
+/// Sampling settings of the prompt box and the img2img tab.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleSettings {
+    pub prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance_scale: f64,
+}
+
+/// What the UI asks the worker to do.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// `demo`, a diffusers folder or a repo id in the Hugging Face cache.
+    LoadModel {
+        spec: String,
+    },
+    /// A new run of `preset` (its model must be the loaded one) in the folder `out`.
+    StartRun {
+        preset: Box<Preset>,
+        out: PathBuf,
+        preview_every: usize,
+    },
+    /// Continues a paused or interrupted run from its checkpoint.
+    ResumeRun {
+        run: PathBuf,
+        preview_every: usize,
+    },
+    /// Draws the prompt with the original model and with the current adapter.
+    Render(SampleSettings),
+    /// Repaints `image` (a file) at `strength` with both models.
+    Img2Img {
+        image: PathBuf,
+        strength: f64,
+        settings: SampleSettings,
+    },
+    /// Evaluates the adapter of a finished run, writing the report into the run folder.
+    Evaluate {
+        run: PathBuf,
+    },
+    /// Makes the adapter in `path` the current one.
+    LoadAdapter {
+        path: PathBuf,
+    },
+    /// Saves the current adapter to `path` (native format).
+    ExportAdapter {
+        path: PathBuf,
+    },
+    SetStrength(f64),
+}
+
+/// What the worker reports.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A job started; `None` when the worker is idle again.
+    Busy(Option<String>),
+    ModelLoaded {
+        spec: String,
+        description: String,
+    },
+    /// A run began (or resumed with `history` already done).
+    RunStarted {
+        run: PathBuf,
+        total_epochs: usize,
+        history: Vec<EpochMetrics>,
+    },
+    Epoch {
+        metrics: Box<EpochMetrics>,
+        total_epochs: usize,
+    },
+    Preview {
+        epoch: usize,
+        comparisons: Vec<Comparison>,
+    },
+    /// Stopped on request: paused (resumable) or cancelled.
+    RunStopped {
+        run: PathBuf,
+        epochs_done: usize,
+        cancelled: bool,
+    },
+    RunFinished {
+        run: PathBuf,
+        adapter: PathBuf,
+        seconds: f64,
+    },
+    Rendered(Comparison),
+    /// Progress of an evaluation, in images.
+    EvaluationProgress {
+        done: usize,
+        total: usize,
+    },
+    Evaluated {
+        report: Box<Report>,
+        grid: Picture,
+    },
+    /// The adapter the erased pictures use changed: a file, a run's latest state, or none.
+    AdapterChanged(Option<String>),
+    AdapterExported {
+        path: PathBuf,
+    },
+    /// A job failed; the worker carries on.
+    Error(String),
+}
+
+/// Asked of a running job through [`WorkerHandle::interrupt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    None = 0,
+    /// Stop with a checkpoint, to resume later.
+    Pause = 1,
+    /// Stop with a checkpoint and forget the run.
+    Cancel = 2,
+}
+
+/// The UI's side of the worker.
+pub struct WorkerHandle {
+    commands: Option<Sender<Command>>,
+    events: Receiver<Event>,
+    interrupt: Arc<AtomicU8>,
+    shutting_down: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Starts the worker on `device`; `wake` is called after every event (to repaint the UI).
+    pub fn spawn(device: Device, wake: impl Fn() + Send + 'static) -> Self {
+        let (commands, command_rx) = crossbeam_channel::unbounded();
+        let (event_tx, events) = crossbeam_channel::unbounded();
+        let interrupt = Arc::new(AtomicU8::new(Interrupt::None as u8));
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            device,
+            model: None,
+            adapter: None,
+            events: EventSink {
+                tx: event_tx,
+                wake: Box::new(wake),
+            },
+            interrupt: interrupt.clone(),
+            shutting_down: shutting_down.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("studio-worker".into())
+            .spawn(move || worker.serve(command_rx))
+            .expect("cannot start the worker thread");
+        Self {
+            commands: Some(commands),
+            events,
+            interrupt,
+            shutting_down,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn send(&self, command: Command) {
+        if let Some(tx) = &self.commands {
+            // Fails only once the worker has exited, when there is nothing left to do.
+            let _ = tx.send(command);
+        }
+    }
+
+    /// Asks the running job to stop; it saves a checkpoint first.
+    pub fn interrupt(&self, what: Interrupt) {
+        self.interrupt.store(what as u8, Ordering::SeqCst);
+    }
+
+    /// Every event that arrived since the last call.
+    pub fn drain(&self) -> Vec<Event> {
+        self.events.try_iter().collect()
+    }
+
+    /// Stops a running job (saving its checkpoint), drops queued ones, and waits for the worker
+    /// to exit.
+    pub fn shutdown(&mut self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.interrupt(Interrupt::Pause);
+        self.commands = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct EventSink {
+    tx: Sender<Event>,
+    wake: Box<dyn Fn() + Send>,
+}
+
+impl EventSink {
+    fn send(&self, event: Event) {
+        let _ = self.tx.send(event);
+        (self.wake)();
+    }
+}
+
+struct LoadedModel {
+    spec: String,
+    sd: StableDiffusion,
+}
+
+struct Worker {
+    device: Device,
+    model: Option<LoadedModel>,
+    adapter: Option<ErasureAdapter>,
+    events: EventSink,
+    interrupt: Arc<AtomicU8>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn serve(mut self, commands: Receiver<Command>) {
+        while let Ok(command) = commands.recv() {
+            if self.shutting_down.load(Ordering::SeqCst) {
+                break;
+            }
+            // A pause or cancel meant for an earlier job must not stop this one.
+            self.interrupt
+                .store(Interrupt::None as u8, Ordering::SeqCst);
+            self.events.send(Event::Busy(Some(describe(&command))));
+            if let Err(e) = self.run(command) {
+                self.events.send(Event::Error(format!("{e:#}")));
+            }
+            self.events.send(Event::Busy(None));
+        }
+    }
+
+    fn run(&mut self, command: Command) -> anyhow::Result<()> {
+        match command {
+            Command::LoadModel { spec } => self.load_model(&spec),
+            Command::StartRun {
+                preset,
+                out,
+                preview_every,
+            } => self.train(Some(*preset), &out, preview_every),
+            Command::ResumeRun { run, preview_every } => self.train(None, &run, preview_every),
+            Command::Render(settings) => {
+                let comparison = self.render(&settings, None)?;
+                self.events.send(Event::Rendered(comparison));
+                Ok(())
+            }
+            Command::Img2Img {
+                image,
+                strength,
+                settings,
+            } => {
+                let comparison = self.render(&settings, Some((&image, strength)))?;
+                self.events.send(Event::Rendered(comparison));
+                Ok(())
+            }
+            Command::Evaluate { run } => self.evaluate(&run),
+            Command::LoadAdapter { path } => {
+                let sd = &self.model()?.sd;
+                let adapter = ErasureAdapter::load(&path, &sd.unet, DType::F32, &sd.device)?;
+                let description = describe_adapter(&adapter, &path.display().to_string());
+                self.adapter = Some(adapter);
+                self.events.send(Event::AdapterChanged(Some(description)));
+                Ok(())
+            }
+            Command::ExportAdapter { path } => {
+                let Some(adapter) = &self.adapter else {
+                    bail!("there is no adapter to export yet: train one or load an adapter file")
+                };
+                adapter.save(&path, &self.model()?.sd.unet)?;
+                self.events.send(Event::AdapterExported { path });
+                Ok(())
+            }
+            Command::SetStrength(strength) => {
+                if let Some(adapter) = &mut self.adapter {
+                    adapter.set_strength(strength);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn model(&self) -> anyhow::Result<&LoadedModel> {
+        self.model
+            .as_ref()
+            .context("no model is loaded: pick one in the Model panel first")
+    }
+
+    fn load_model(&mut self, spec: &str) -> anyhow::Result<()> {
+        // Free the old model first: two real models may not fit in memory together.
+        self.model = None;
+        self.adapter = None;
+        let sd = setup::load_model(spec, &self.device)?;
+        let description = describe_model(spec, &sd);
+        self.model = Some(LoadedModel {
+            spec: spec.to_string(),
+            sd,
+        });
+        self.events.send(Event::ModelLoaded {
+            spec: spec.to_string(),
+            description,
+        });
+        self.events.send(Event::AdapterChanged(None));
+        Ok(())
+    }
+
+    /// Starts (`preset` given) or resumes the run in `run`.
+    fn train(
+        &mut self,
+        preset: Option<Preset>,
+        run: &Path,
+        preview_every: usize,
+    ) -> anyhow::Result<()> {
+        let loaded = self.model()?;
+        let dir = RunDir::new(run);
+        let wanted = match &preset {
+            Some(p) => p.model.clone(),
+            None => dir.load_preset()?.model,
+        };
+        if wanted != loaded.spec {
+            bail!(
+                "this run is for model `{wanted}` but `{}` is loaded; load `{wanted}` first",
+                loaded.spec
+            );
+        }
+        let total_epochs = match &preset {
+            Some(p) => p.ddpo.epochs,
+            None => dir.load_preset()?.ddpo.epochs,
+        };
+        self.events.send(Event::RunStarted {
+            run: run.to_path_buf(),
+            total_epochs,
+            history: dir.read_metrics().unwrap_or_default(),
+        });
+        let (interrupt, shutting_down) = (self.interrupt.clone(), self.shutting_down.clone());
+        let stop = move || {
+            interrupt.load(Ordering::SeqCst) != Interrupt::None as u8
+                || shutting_down.load(Ordering::SeqCst)
+        };
+        let options = RunOptions { preview_every };
+        let mut observer = Forward {
+            events: &self.events,
+            adapter: None,
+        };
+        let end = match preset {
+            Some(p) => session::start_on(&loaded.sd, p, run, options, &stop, &mut observer),
+            None => session::resume_on(&loaded.sd, run, options, &stop, &mut observer),
+        };
+        if let Some((adapter, epoch)) = observer.adapter.take() {
+            let source = format!("{} after epoch {epoch}", run.display());
+            self.events
+                .send(Event::AdapterChanged(Some(describe_adapter(
+                    &adapter, &source,
+                ))));
+            self.adapter = Some(adapter);
+        }
+        match end? {
+            RunEnd::Finished { adapter, seconds } => {
+                let sd = &self.model()?.sd;
+                let file = ErasureAdapter::load(&adapter, &sd.unet, DType::F32, &sd.device)?;
+                let description = describe_adapter(&file, &adapter.display().to_string());
+                self.adapter = Some(file);
+                self.events.send(Event::AdapterChanged(Some(description)));
+                self.events.send(Event::RunFinished {
+                    run: run.to_path_buf(),
+                    adapter,
+                    seconds,
+                });
+            }
+            RunEnd::Stopped { epochs_done } => self.events.send(Event::RunStopped {
+                run: run.to_path_buf(),
+                epochs_done,
+                cancelled: self.interrupt.load(Ordering::SeqCst) == Interrupt::Cancel as u8,
+            }),
+        }
+        Ok(())
+    }
+
+    fn render(
+        &self,
+        settings: &SampleSettings,
+        init: Option<(&Path, f64)>,
+    ) -> anyhow::Result<Comparison> {
+        let sd = &self.model()?.sd;
+        let size = sd.native_size().map_or(512, |(h, _)| h);
+        let request = GenerateRequest {
+            prompts: vec![settings.prompt.clone()],
+            negative_prompt: String::new(),
+            seed: settings.seed,
+            steps: settings.steps,
+            guidance_scale: settings.guidance_scale,
+            width: size,
+            height: size,
+            eta: 0.0,
+        };
+        let init = init
+            .map(|(path, strength)| {
+                anyhow::Ok((images::load_image(path, size, size, &sd.device)?, strength))
+            })
+            .transpose()?;
+        let draw = |adapter: Option<&ErasureAdapter>| -> anyhow::Result<Picture> {
+            let detached = adapter.map(ErasureAdapter::detached);
+            let hooks = SampleHooks {
+                cross_attn: detached.as_ref().map(|a| a as &dyn CrossAttnHook),
+                on_step: None,
+            };
+            let images = match &init {
+                Some((image, strength)) => img2img(sd, &request, image, *strength, hooks)?.1,
+                None => txt2img(sd, &request, hooks)?.1,
+            };
+            Ok(Picture::from_batch(&images)?.remove(0))
+        };
+        Ok(Comparison {
+            prompt: settings.prompt.clone(),
+            original: draw(None)?,
+            erased: self.adapter.as_ref().map(|a| draw(Some(a))).transpose()?,
+        })
+    }
+
+    fn evaluate(&mut self, run: &Path) -> anyhow::Result<()> {
+        let dir = RunDir::new(run);
+        let preset = dir.load_preset()?;
+        if !dir.adapter().is_file() {
+            bail!(
+                "{} has no finished adapter yet: finish (resume) the run before evaluating it",
+                run.display()
+            );
+        }
+        let events = &self.events;
+        let report =
+            evaluate::evaluate_adapter(&preset, &dir.adapter(), run, &self.device, &mut |d, t| {
+                events.send(Event::EvaluationProgress { done: d, total: t })
+            })?;
+        let grid = image::open(run.join(evaluate::GRID_FILE))
+            .context("reading the evaluation's comparison grid")?
+            .to_rgb8();
+        self.events.send(Event::Evaluated {
+            report: Box::new(report),
+            grid: Picture::from(&grid),
+        });
+        Ok(())
+    }
+}
+
+/// Forwards a run's progress as events and keeps the adapter of its latest preview (with the
+/// epoch it stands at).
+struct Forward<'a> {
+    events: &'a EventSink,
+    adapter: Option<(ErasureAdapter, usize)>,
+}
+
+impl RunObserver for Forward<'_> {
+    fn epoch(&mut self, metrics: &EpochMetrics, total_epochs: usize) {
+        self.events.send(Event::Epoch {
+            metrics: Box::new(metrics.clone()),
+            total_epochs,
+        });
+    }
+
+    fn preview(&mut self, preview: &Preview) {
+        let pictures = Picture::from_batch(preview.original).and_then(|original| {
+            Ok(original
+                .into_iter()
+                .zip(Picture::from_batch(preview.erased)?)
+                .zip(preview.prompts)
+                .map(|((original, erased), prompt)| Comparison {
+                    prompt: prompt.clone(),
+                    original,
+                    erased: Some(erased),
+                })
+                .collect())
+        });
+        match pictures {
+            Ok(comparisons) => self.events.send(Event::Preview {
+                epoch: preview.epoch,
+                comparisons,
+            }),
+            Err(e) => self
+                .events
+                .send(Event::Error(format!("showing a preview: {e:#}"))),
+        }
+        self.adapter = Some((preview.adapter.detached(), preview.epoch));
+    }
+}
+
+fn describe(command: &Command) -> String {
+    match command {
+        Command::LoadModel { spec } => format!("loading model `{spec}`"),
+        Command::StartRun { preset, .. } => format!("erasing `{}`", preset.concept),
+        Command::ResumeRun { run, .. } => format!("resuming {}", run.display()),
+        Command::Render(s) | Command::Img2Img { settings: s, .. } => {
+            format!("drawing \"{}\"", s.prompt)
+        }
+        Command::Evaluate { run } => format!("evaluating {}", run.display()),
+        Command::LoadAdapter { path } => format!("loading adapter {}", path.display()),
+        Command::ExportAdapter { path } => format!("exporting to {}", path.display()),
+        Command::SetStrength(s) => format!("setting adapter strength {s:.2}"),
+    }
+}
+
+fn describe_model(spec: &str, sd: &StableDiffusion) -> String {
+    let size = sd
+        .native_size()
+        .map(|(h, w)| format!("{w}×{h} px"))
+        .unwrap_or_else(|| "size not given".into());
+    let device = match &sd.device {
+        Device::Cpu => "CPU".to_string(),
+        other => format!("{other:?}"),
+    };
+    format!(
+        "{spec}: {} cross-attention layers, {size}, {:?} on {device}",
+        sd.unet.cross_attn_layers().len(),
+        sd.dtype
+    )
+}
+
+fn describe_adapter(adapter: &ErasureAdapter, source: &str) -> String {
+    let c = adapter.config();
+    format!(
+        "{source}: LoRA rank {}, {} tail tokens, strength {:.2}",
+        c.lora_rank,
+        c.tail_tokens,
+        adapter.strength()
+    )
+}
