@@ -38,10 +38,19 @@ fn studio(runs: &Path) -> Harness<'static, StudioApp> {
 /// Steps frames until `done` holds (the worker keeps asking for repaints, so `run()` would give
 /// up), failing with the studio's messages after two minutes.
 fn step_until(h: &mut Harness<StudioApp>, what: &str, done: impl Fn(&StudioApp) -> bool) {
+    step_until_within(h, what, Duration::from_secs(120), done)
+}
+
+fn step_until_within(
+    h: &mut Harness<StudioApp>,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&StudioApp) -> bool,
+) {
     let started = Instant::now();
     while !done(h.state()) {
         assert!(
-            started.elapsed() < Duration::from_secs(120),
+            started.elapsed() < limit,
             "timed out waiting for {what}; messages: {:?}",
             h.state().state.messages
         );
@@ -313,7 +322,8 @@ fn readme_screenshots() {
     let mut h = studio(&runs);
     h.state_mut().run_form.as_mut().unwrap().preview_every = 2;
     click(&mut h, "Start");
-    step_until(&mut h, "12 epochs", |app| {
+    let limit = Duration::from_secs(30 * 60);
+    step_until_within(&mut h, "12 epochs", limit, |app| {
         app.state
             .run
             .as_ref()
