@@ -385,9 +385,10 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     let polls = Cell::new(0);
     let stop_mid_epoch_2 = || {
         polls.set(polls.get() + 1);
-        // Per epoch: 2 polls while sampling, one before each of the 2 × 2 backward passes and
-        // one after the epoch. Poll 12 comes after epoch 2's first update.
-        polls.get() == 12
+        // Per epoch: one poll before each of the 2 batches and each of their 3 denoising
+        // steps, one before each of the 2 × 2 backward passes, one after the epoch (13 in
+        // epoch 1). Poll 24 comes after epoch 2's first update.
+        polls.get() == 24
     };
     let end = session::start(
         micro_preset(3),

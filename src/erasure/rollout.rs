@@ -51,6 +51,17 @@ pub fn sample(
     adapter: Option<&ErasureAdapter>,
     request: &GenerateRequest,
 ) -> anyhow::Result<Trajectories> {
+    Ok(sample_until(sd, adapter, request, &|| false)?.expect("never stopped"))
+}
+
+/// [`sample`], polling `stop` before every denoising step: `None` once it returns true, so a
+/// stop request waits for one UNet call, not a whole batch.
+pub fn sample_until(
+    sd: &StableDiffusion,
+    adapter: Option<&ErasureAdapter>,
+    request: &GenerateRequest,
+    stop: &dyn Fn() -> bool,
+) -> anyhow::Result<Option<Trajectories>> {
     if request.eta <= 0.0 {
         anyhow::bail!(
             "policy-gradient sampling needs DDIM η > 0, got {}",
@@ -72,6 +83,9 @@ pub fn sample(
     let mut outputs = Vec::with_capacity(request.steps);
     let hook = adapter.map(|a| a as &dyn CrossAttnHook);
     for &t in ddim.timesteps() {
+        if stop() {
+            return Ok(None);
+        }
         let out = conditioning.predict(&sd.unet, &x, t, hook)?.detach();
         outputs.push(out.clone());
         let step_noise = noise.tensor(&shape, &sd.device)?;
@@ -82,14 +96,14 @@ pub fn sample(
         x = step.prev_sample.detach();
         latents.push(x.clone());
     }
-    Ok(Trajectories {
+    Ok(Some(Trajectories {
         request: request.clone(),
         ddim,
         conditioning,
         latents,
         log_probs,
         outputs,
-    })
+    }))
 }
 
 /// log p(x_{t−1} | x_t) divided by the latent's size, as DDPO does. The full log-density

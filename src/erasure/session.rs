@@ -347,7 +347,9 @@ fn execute(
         save(&trainer, seconds())?;
         observer.epoch(&m, total);
         let done = trainer.epochs_done();
-        if done % options.preview_every.max(1) == 0 || done == total {
+        // A preview takes a while to draw: skipped when a stop is waiting (the run's end still
+        // draws one).
+        if (done % options.preview_every.max(1) == 0 && !stop()) || done == total {
             let path = dir.samples().join(format!("epoch-{done:04}.png"));
             let adapter = trainer.adapter().detached();
             let erased = render(sd, preset, &preview, PREVIEW_SEED, Some(&adapter))?;

@@ -401,7 +401,7 @@ impl<'a> ErasureTrainer<'a> {
         Ok(())
     }
 
-    /// One DDPO epoch. `stop` is polled between batches and backward passes; when it returns
+    /// One DDPO epoch. `stop` is polled between denoising steps and backward passes; when it returns
     /// true the epoch is abandoned, the adapter left as it was before it, and `None` returned.
     pub fn run_epoch(&mut self, stop: &dyn Fn() -> bool) -> anyhow::Result<Option<EpochMetrics>> {
         let started = Instant::now();
@@ -416,7 +416,11 @@ impl<'a> ErasureTrainer<'a> {
                 return Ok(None);
             }
             let request = self.request(prompts.to_vec(), &mut rng);
-            let trajectories = rollout::sample(self.sd, Some(&self.adapter), &request)?;
+            let Some(trajectories) =
+                rollout::sample_until(self.sd, Some(&self.adapter), &request, stop)?
+            else {
+                return Ok(None);
+            };
             images.push(decode_images(self.sd, trajectories.final_latents())?);
             batches.push(trajectories);
         }
@@ -429,7 +433,10 @@ impl<'a> ErasureTrainer<'a> {
                 .map(|_| pool[rng.random_range(0..pool.len())].clone())
                 .collect();
             let request = self.request(prompts, &mut rng);
-            Some(rollout::sample(self.sd, None, &request)?)
+            let Some(trajectories) = rollout::sample_until(self.sd, None, &request, stop)? else {
+                return Ok(None);
+            };
+            Some(trajectories)
         } else {
             None
         };
