@@ -343,3 +343,66 @@ fn readme_screenshots() {
     click(&mut h, "Cancel");
     step_until(&mut h, "the run to stop", |app| !app.state.is_training());
 }
+
+#[test]
+fn a_finished_run_is_evaluated_in_the_studio() {
+    let runs = temp_dir("evaluate");
+    let mut h = studio(&runs);
+    make_run_tiny(h.state_mut(), 1);
+    let evaluation = &mut h.state_mut().run_form.as_mut().unwrap().preset.evaluation;
+    evaluation.seeds_per_prompt = 1;
+    evaluation.max_prompts = 2;
+    evaluation.steps = 4;
+    click(&mut h, "Start");
+    step_until(&mut h, "the run to finish", |app| {
+        app.state
+            .run
+            .as_ref()
+            .is_some_and(|r| r.status == RunStatus::Finished)
+    });
+    show_tab(&mut h, Tab::Evaluation);
+    click(&mut h, "Evaluate");
+    step_until(&mut h, "the report", |app| app.state.evaluation.is_some());
+    let report = &h.state().state.evaluation.as_ref().unwrap().report;
+    assert_eq!(
+        report
+            .sets
+            .iter()
+            .map(|s| s.set.as_str())
+            .collect::<Vec<_>>(),
+        ["target", "neighbours", "neutral"]
+    );
+    h.get_by_label("target");
+    h.get_by_label_contains("comparison grid");
+}
+
+/// An in-memory stand-in for eframe's settings file.
+#[derive(Default)]
+struct MemoryStorage(std::collections::HashMap<String, String>);
+
+impl eframe::Storage for MemoryStorage {
+    fn get_string(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+    fn set_string(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_string(), value);
+    }
+    fn remove_string(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+    fn flush(&mut self) {}
+}
+
+#[test]
+fn settings_persist_between_launches() {
+    let runs = temp_dir("settings");
+    let mut h = studio(&runs);
+    let app = h.state_mut();
+    app.settings.preset = "demo-striped".into();
+    app.settings.tab = Tab::Gallery;
+    app.settings.custom.concept = "moon".into();
+    let mut storage = MemoryStorage::default();
+    eframe::App::save(app, &mut storage);
+    let restored: Settings = eframe::get_value(&storage, eframe::APP_KEY).unwrap();
+    assert_eq!(restored, app.settings);
+}

@@ -300,7 +300,7 @@ pub fn evaluation(ui: &mut egui::Ui, app: &mut StudioApp) {
             ui.label(&s.set);
             ui.label(s.images.to_string());
             ui.label(format!(
-                "{:.1} % → {:.1} %",
+                "{:.1} % -> {:.1} %",
                 100.0 * s.concept_rate_original,
                 100.0 * s.concept_rate_erased
             ));
@@ -309,7 +309,7 @@ pub fn evaluation(ui: &mut egui::Ui, app: &mut StudioApp) {
                 .iter()
                 .map(|(attr, before)| {
                     format!(
-                        "{attr} {:.0}→{:.0}",
+                        "{attr} {:.0} -> {:.0}",
                         100.0 * before,
                         100.0 * s.accuracy_erased.get(attr).copied().unwrap_or(f64::NAN)
                     )
