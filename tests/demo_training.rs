@@ -134,6 +134,7 @@ fn micro_recipe_writes_a_loadable_model_and_resumes() {
         [
             "clip",
             "clip_generated",
+            "clip_objects",
             "latents",
             "tokenizer",
             "unet",

@@ -181,8 +181,8 @@ fn the_clip_detector_sees_its_concept_and_the_reward_combines_its_parts() {
 }
 
 /// The shipped CLIP reads shapes on the demo model's own images (10 DDIM steps, as the demo
-/// presets sample in training), which its reward depends on; before its last recipe stage it
-/// read them barely better than chance.
+/// presets sample in training), which its reward depends on; before its last two recipe stages
+/// it read them barely better than chance.
 #[test]
 fn shipped_clip_reads_objects_on_generated_images() {
     use erasure_studio::demo_world::clip_generated::generate;
@@ -197,7 +197,8 @@ fn shipped_clip_reads_objects_on_generated_images() {
         DType::F32,
     )
     .unwrap();
-    let set = generate(&sd, 128, 12345).unwrap();
+    // Half of them with η = 1, as the erasure trainer samples.
+    let set = generate(&sd, 128, 0.5, 12345).unwrap();
     let model = erasure_studio::engine::clip_model::ClipModel::load(
         &dir.join("clip"),
         &Device::Cpu,
@@ -208,8 +209,9 @@ fn shipped_clip_reads_objects_on_generated_images() {
     let accuracy =
         zero_shot_accuracy_on(&model, &tokenizer, &set.images, &set.labels, &Device::Cpu).unwrap();
     println!("zero-shot accuracy on 128 generated images: {accuracy:?}");
-    // Before that stage: object 38.9 %, colour 82.8 %, fill 69.1 %, background 84.2 % (512 images).
-    assert!(accuracy[0] >= 0.5, "object {:.3}", accuracy[0]);
+    // Before the two stages on generated images: object 38.9 %, colour 82.8 %, fill 69.1 %,
+    // background 84.2 % (512 images); between them (every attribute alike) object 63.7 %.
+    assert!(accuracy[0] >= 0.75, "object {:.3}", accuracy[0]);
     assert!(
         accuracy[1] >= 0.95 && accuracy[2] >= 0.85 && accuracy[3] >= 0.93,
         "{accuracy:?}"

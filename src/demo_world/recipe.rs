@@ -14,7 +14,7 @@ use candle_nn::VarMap;
 use serde::Serialize;
 
 use super::architecture;
-use super::clip_generated;
+use super::clip_generated::{self, GeneratedTraining};
 use super::clip_training::{self, ClipTraining, IMAGE_MEAN, IMAGE_STD};
 use super::unet_training::{self, LatentDataset, UNetTraining};
 use super::vae_training::{self, VaePhase, VaeTraining};
@@ -40,10 +40,11 @@ pub struct Recipe {
     pub dataset: usize,
     pub dataset_seed: u64,
     pub unet: UNetTraining,
-    /// Images the finished generator draws for the CLIP's last stage.
-    pub clip_generated_images: usize,
-    /// The CLIP image tower's training on those images (the text tower stays as it is).
-    pub clip_generated: ClipTraining,
+    /// The CLIP image tower's training on images the finished generator drew (the text tower
+    /// stays as it is): every attribute alike, then with the object weighted, on images drawn
+    /// as the erasure trainer draws them.
+    pub clip_generated: GeneratedTraining,
+    pub clip_objects: GeneratedTraining,
     /// Print a progress line every this many steps.
     pub report_every: usize,
     /// Held-out scenes for each stage's figures (CLIP zero-shot accuracy, VAE PSNR).
@@ -85,12 +86,27 @@ impl Recipe {
                 ema_decay: 0.999,
                 seed: seed + 2,
             },
-            clip_generated_images: 2048,
-            clip_generated: ClipTraining {
-                steps: 600,
-                batch: 64,
-                lr: 1e-3,
-                seed: seed + 6,
+            clip_generated: GeneratedTraining {
+                images: 2048,
+                stochastic_share: 0.0,
+                object_weight: 1.0,
+                training: ClipTraining {
+                    steps: 600,
+                    batch: 64,
+                    lr: 1e-3,
+                    seed: seed + 6,
+                },
+            },
+            clip_objects: GeneratedTraining {
+                images: 4096,
+                stochastic_share: 0.5,
+                object_weight: 4.0,
+                training: ClipTraining {
+                    steps: 1500,
+                    batch: 64,
+                    lr: 5e-4,
+                    seed: seed + 8,
+                },
             },
             report_every: 50,
             evaluation_images: 512,
@@ -111,9 +127,11 @@ impl Recipe {
         r.evaluation_images = 8;
         r.unet.steps = 3;
         r.unet.batch = 4;
-        r.clip_generated_images = 8;
-        r.clip_generated.steps = 3;
-        r.clip_generated.batch = 4;
+        for stage in [&mut r.clip_generated, &mut r.clip_objects] {
+            stage.images = 8;
+            stage.training.steps = 3;
+            stage.training.batch = 4;
+        }
         r.report_every = 1;
         r
     }
@@ -362,61 +380,85 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
         })
     })?;
 
-    let checkpoint = work.join("clip_generated.safetensors");
-    log.run_stage(&log_path, "clip_generated", Some(&checkpoint), || {
-        let settings = &recipe.clip_generated;
-        let sd = StableDiffusion::load(&ModelSource::folder(out)?, device, DType::F32)?;
-        eprintln!(
-            "clip_generated: drawing {} training and {} held-out images",
-            recipe.clip_generated_images, recipe.evaluation_images
-        );
-        let set = clip_generated::generate(&sd, recipe.clip_generated_images, settings.seed)?;
-        let held_out = clip_generated::generate(&sd, recipe.evaluation_images, settings.seed + 1)?;
-        let weights = out.join("clip/model.safetensors");
-        let mut vars = VarMap::new();
-        let model = ClipModel::new(
-            seeded_var_builder(&vars, settings.seed, DType::F32, device),
-            &architecture::parsed_clip(vocab_size)?,
-        )?;
-        vars.load(&weights)
-            .with_context(|| format!("loading {}", weights.display()))?;
-        let on_held_out = |model: &ClipModel| {
-            clip_training::zero_shot_accuracy_on(
-                model,
-                &tokenizer,
-                &held_out.images,
-                &held_out.labels,
-                device,
-            )
-        };
-        let before = on_held_out(&model)?;
-        let losses = clip_generated::train_image_tower(
-            &model,
-            &vars,
-            &tokenizer,
-            &set,
-            settings,
-            Some(&checkpoint),
-            print_every(recipe.report_every),
-        )?;
-        let after = on_held_out(&model)?;
-        eprintln!(
-            "clip_generated: zero-shot accuracy on held-out generated images {} → {}",
-            format_accuracy(&before),
-            format_accuracy(&after)
-        );
-        let renders = zero_shot_on_renders(&model, &tokenizer, recipe, device)?;
-        save_vars(&vars, "", &weights)?;
-        let mut figures = accuracy_figures("generated_before", &before);
-        figures.extend(accuracy_figures("generated", &after));
-        figures.extend(accuracy_figures("zero_shot", &renders));
-        Ok(StageResult {
-            final_loss: tail_mean(&losses),
-            figures,
-        })
-    })?;
+    for (name, stage) in [
+        ("clip_generated", &recipe.clip_generated),
+        ("clip_objects", &recipe.clip_objects),
+    ] {
+        let checkpoint = work.join(format!("{name}.safetensors"));
+        log.run_stage(&log_path, name, Some(&checkpoint), || {
+            clip_generated_stage(recipe, name, stage, out, &tokenizer, &checkpoint, device)
+        })?;
+    }
 
     Ok(log)
+}
+
+/// Trains the CLIP's image tower in `out` on images the model in `out` draws.
+fn clip_generated_stage(
+    recipe: &Recipe,
+    name: &'static str,
+    stage: &GeneratedTraining,
+    out: &Path,
+    tokenizer: &ClipTokenizer,
+    checkpoint: &Path,
+    device: &Device,
+) -> anyhow::Result<StageResult> {
+    let seed = stage.training.seed;
+    let sd = StableDiffusion::load(&ModelSource::folder(out)?, device, DType::F32)?;
+    eprintln!(
+        "{name}: drawing {} training and {} held-out images",
+        stage.images, recipe.evaluation_images
+    );
+    let set = clip_generated::generate(&sd, stage.images, stage.stochastic_share, seed)?;
+    let held_out = clip_generated::generate(
+        &sd,
+        recipe.evaluation_images,
+        stage.stochastic_share,
+        seed + 1,
+    )?;
+    let weights = out.join("clip/model.safetensors");
+    let mut vars = VarMap::new();
+    let model = ClipModel::new(
+        seeded_var_builder(&vars, seed, DType::F32, device),
+        &architecture::parsed_clip(tokenizer.eos_id() as usize + 1)?,
+    )?;
+    vars.load(&weights)
+        .with_context(|| format!("loading {}", weights.display()))?;
+    let on_held_out = |model: &ClipModel| {
+        clip_training::zero_shot_accuracy_on(
+            model,
+            tokenizer,
+            &held_out.images,
+            &held_out.labels,
+            device,
+        )
+    };
+    let before = on_held_out(&model)?;
+    let losses = clip_generated::train_image_tower(
+        &model,
+        &vars,
+        tokenizer,
+        &set,
+        stage,
+        name,
+        Some(checkpoint),
+        print_every(recipe.report_every),
+    )?;
+    let after = on_held_out(&model)?;
+    eprintln!(
+        "{name}: zero-shot accuracy on held-out generated images {} → {}",
+        format_accuracy(&before),
+        format_accuracy(&after)
+    );
+    let renders = zero_shot_on_renders(&model, tokenizer, recipe, device)?;
+    save_vars(&vars, "", &weights)?;
+    let mut figures = accuracy_figures("generated_before", &before);
+    figures.extend(accuracy_figures("generated", &after));
+    figures.extend(accuracy_figures("zero_shot", &renders));
+    Ok(StageResult {
+        final_loss: tail_mean(&losses),
+        figures,
+    })
 }
 
 /// "object 98.0 %, colour …" for a [object, colour, fill, background] accuracy.
