@@ -70,13 +70,25 @@ fn larger_images_are_resized_and_centre_cropped_as_clips_processor_does() {
     let band = Tensor::zeros((5, 3, 96, 16), DType::F32, &Device::Cpu).unwrap();
     let wide = Tensor::cat(&[&band, &up, &band], 3).unwrap();
     assert_eq!(wide.dims(), [5, 3, 96, 128]);
-    let similarity = (clip.image_features(&images).unwrap() * clip.image_features(&wide).unwrap())
-        .unwrap()
-        .sum(D::Minus1)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    assert!(similarity.iter().all(|&s| s > 0.95), "{similarity:?}");
+    let original = clip.image_features(&images).unwrap();
+    let similarity_to = |other: &Tensor| {
+        (&original * clip.image_features(other).unwrap())
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let cropped = similarity_to(&wide);
+    // Squashing the whole 96×128 frame to 64×64 instead (bands kept, shape distorted) reads
+    // as another image.
+    let squashed = similarity_to(&images::resize(&wide, 64, 64, FilterType::CatmullRom).unwrap());
+    for (c, s) in cropped.iter().zip(&squashed) {
+        assert!(
+            *c > 0.85 && c > s,
+            "cropped {cropped:?}, squashed {squashed:?}"
+        );
+    }
     // A too small image is scaled up rather than refused.
     let small = images::resize(&images, 32, 32, FilterType::CatmullRom).unwrap();
     assert_eq!(clip.image_features(&small).unwrap().dims(), [5, 64]);
