@@ -11,6 +11,7 @@ use super::state::StudioState;
 use super::textures::Textures;
 use super::views;
 use super::worker::{Command, Interrupt, WorkerHandle};
+use crate::engine::model::{hf_cache_roots, hf_cached_pipelines};
 
 /// The studio's whole state: what the worker reported, what the user typed, and the textures.
 pub struct StudioApp {
@@ -22,6 +23,9 @@ pub struct StudioApp {
     pub form_error: Option<String>,
     pub samples: SampleForm,
     pub textures: Textures,
+    /// Stable Diffusion pipelines in the Hugging Face cache, scanned once at start-up rather
+    /// than every frame.
+    pub cached_models: Vec<String>,
     /// Closing was asked for while training: the run is saving its checkpoint first.
     closing: bool,
 }
@@ -43,6 +47,7 @@ impl StudioApp {
             form_error: None,
             samples: SampleForm::default(),
             textures: Textures::default(),
+            cached_models: hf_cached_pipelines(&hf_cache_roots()),
             closing: false,
         };
         app.refresh_run_form();

@@ -8,7 +8,6 @@ use super::app::StudioApp;
 use super::forms::{CUSTOM, base_preset_for};
 use super::state::{RunStatus, StudioState};
 use super::worker::{Command, Interrupt};
-use crate::engine::model::{hf_cache_roots, hf_cached_pipelines};
 use crate::erasure::preset::{self, ConceptKind};
 use crate::erasure::session::RunDir;
 
@@ -65,12 +64,11 @@ pub fn side_panel(ui: &mut egui::Ui, app: &mut StudioApp) {
 }
 
 fn model_section(ui: &mut egui::Ui, app: &mut StudioApp) {
-    let cached = hf_cached_pipelines(&hf_cache_roots());
     egui::ComboBox::from_label("Model")
         .selected_text(app.settings.model.clone())
         .show_ui(ui, |ui| {
             ui.selectable_value(&mut app.settings.model, "demo".into(), "demo (built in)");
-            for repo in &cached {
+            for repo in &app.cached_models {
                 ui.selectable_value(&mut app.settings.model, repo.clone(), repo);
             }
         });
@@ -96,7 +94,7 @@ fn model_section(ui: &mut egui::Ui, app: &mut StudioApp) {
             });
         }
     });
-    if cached.is_empty() {
+    if app.cached_models.is_empty() {
         ui.small("No Stable Diffusion pipelines in the Hugging Face cache.");
     }
 }

@@ -209,16 +209,11 @@ pub fn prompt(ui: &mut egui::Ui, app: &mut StudioApp) {
 pub fn img2img(ui: &mut egui::Ui, app: &mut StudioApp) {
     ui.label("Repaints an image with both models: how the adapter treats existing pictures.");
     ui.horizontal(|ui| {
-        let label = ui.label("Image");
-        ui.text_edit_singleline(&mut app.samples.init_image)
-            .labelled_by(label.id);
-        if ui.button("Browse…").clicked()
-            && let Some(path) = rfd::FileDialog::new()
+        path_field(ui, "Image", &mut app.samples.init_image, || {
+            rfd::FileDialog::new()
                 .add_filter("images", &["png", "jpg", "jpeg", "webp"])
                 .pick_file()
-        {
-            app.samples.init_image = path.display().to_string();
-        }
+        })
     });
     ui.add(egui::Slider::new(&mut app.samples.strength, 0.0..=1.0).text("Strength"));
     sample_fields(ui, app);
@@ -331,6 +326,23 @@ pub fn evaluation(ui: &mut egui::Ui, app: &mut StudioApp) {
     });
 }
 
+/// A labelled path the user can type, with a Browse… button that opens `dialog` (which may
+/// return nothing: no portal, or cancelled) and puts its choice in the field.
+pub(super) fn path_field(
+    ui: &mut egui::Ui,
+    label: &str,
+    path: &mut String,
+    dialog: impl FnOnce() -> Option<PathBuf>,
+) {
+    let label = ui.label(label);
+    ui.text_edit_singleline(path).labelled_by(label.id);
+    if ui.button("Browse…").clicked()
+        && let Some(chosen) = dialog()
+    {
+        *path = chosen.display().to_string();
+    }
+}
+
 pub fn adapters(ui: &mut egui::Ui, app: &mut StudioApp) {
     match &app.state.adapter {
         Some(description) => ui.label(format!("Current adapter: {description}")),
@@ -340,17 +352,12 @@ pub fn adapters(ui: &mut egui::Ui, app: &mut StudioApp) {
     ui.separator();
     ui.strong("Export the current adapter");
     ui.horizontal(|ui| {
-        let label = ui.label("Export to");
-        ui.text_edit_singleline(&mut app.samples.export_path)
-            .labelled_by(label.id);
-        if ui.button("Browse…").clicked()
-            && let Some(path) = rfd::FileDialog::new()
+        path_field(ui, "Export to", &mut app.samples.export_path, || {
+            rfd::FileDialog::new()
                 .add_filter("safetensors", &["safetensors"])
                 .set_file_name("erasure-adapter.safetensors")
                 .save_file()
-        {
-            app.samples.export_path = path.display().to_string();
-        }
+        });
         let can_export = idle && app.state.adapter.is_some();
         if ui
             .add_enabled(can_export, egui::Button::new("Export"))
@@ -364,16 +371,11 @@ pub fn adapters(ui: &mut egui::Ui, app: &mut StudioApp) {
     ui.separator();
     ui.strong("Load an adapter file");
     ui.horizontal(|ui| {
-        let label = ui.label("Adapter file");
-        ui.text_edit_singleline(&mut app.samples.adapter_path)
-            .labelled_by(label.id);
-        if ui.button("Browse…").clicked()
-            && let Some(path) = rfd::FileDialog::new()
+        path_field(ui, "Adapter file", &mut app.samples.adapter_path, || {
+            rfd::FileDialog::new()
                 .add_filter("safetensors", &["safetensors"])
                 .pick_file()
-        {
-            app.samples.adapter_path = path.display().to_string();
-        }
+        });
         let can_load = idle && app.state.model.is_some();
         if ui
             .add_enabled(can_load, egui::Button::new("Load adapter"))

@@ -379,9 +379,12 @@ impl Worker {
     ) -> anyhow::Result<()> {
         let loaded = self.model()?;
         let dir = RunDir::new(run);
-        let wanted = match &preset {
-            Some(p) => p.model.clone(),
-            None => dir.load_preset()?.model,
+        let (wanted, total_epochs) = match &preset {
+            Some(p) => (p.model.clone(), p.ddpo.epochs),
+            None => {
+                let p = dir.load_preset()?;
+                (p.model, p.ddpo.epochs)
+            }
         };
         if wanted != loaded.spec {
             bail!(
@@ -389,10 +392,6 @@ impl Worker {
                 loaded.spec
             );
         }
-        let total_epochs = match &preset {
-            Some(p) => p.ddpo.epochs,
-            None => dir.load_preset()?.ddpo.epochs,
-        };
         self.events.send(Event::RunStarted {
             run: run.to_path_buf(),
             total_epochs,
