@@ -10,10 +10,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use erasure_studio::adapter::ErasureAdapter;
 use erasure_studio::demo_world::judge::Judge as JudgeNet;
-use erasure_studio::engine::pipeline::GenerateRequest;
+use erasure_studio::engine::StableDiffusion;
+use erasure_studio::engine::pipeline::{Conditioning, GenerateRequest};
 use erasure_studio::erasure::evaluate::{self, EVAL_SEED};
 use erasure_studio::erasure::preset::{self, Preset, PromptKind, presets_dir};
-use erasure_studio::erasure::rollout::{sample, step_output_drift};
+use erasure_studio::erasure::rollout::{
+    Trajectories, sample, step_anchor_distance, step_output_drift,
+};
 use erasure_studio::erasure::session::{self, RunDir, RunEnd, RunObserver, RunOptions};
 use erasure_studio::erasure::setup;
 use erasure_studio::erasure::trainer::{
@@ -127,7 +130,12 @@ fn bad_presets_are_refused_with_the_field_named() {
         // A typo in a key is not silently ignored.
         ("[prompts]", "[prompts]\ntargets = [\"x\"]", "targets"),
         ("eta = 1.0", "eta = 0.0", "sampling.eta"),
-        ("epochs = 60", "epochs = \"sixty\"", "epochs"),
+        ("epochs = 40", "epochs = \"forty\"", "epochs"),
+        (
+            "anchor_weight = 1.0",
+            "anchor_weight = -1.0",
+            "ddpo.anchor_weight",
+        ),
         (
             "samples_per_prompt = 4",
             "samples_per_prompt = 5",
@@ -261,6 +269,27 @@ fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
     }
 }
 
+/// Stochastic trajectories (η = 1) of the original model for `prompts` at 64 px, with the
+/// preset's steps and guidance.
+fn original_trajectories(
+    sd: &StableDiffusion,
+    preset: &Preset,
+    prompts: &[String],
+    seed: u64,
+) -> Trajectories {
+    let request = GenerateRequest {
+        prompts: prompts.to_vec(),
+        negative_prompt: String::new(),
+        seed,
+        steps: preset.sampling.steps,
+        guidance_scale: preset.sampling.guidance_scale,
+        width: 64,
+        height: 64,
+        eta: 1.0,
+    };
+    sample(sd, None, &request).unwrap()
+}
+
 /// The preservation term holds the adapter to the original model on the preservation prompts:
 /// after the same three epochs of a reward that pulls the whole image, the adapter's noise
 /// predictions there have moved far less with the term than without it.
@@ -276,21 +305,7 @@ fn the_preservation_term_keeps_preservation_prompts_close_to_the_original() {
     let preservation: Vec<String> = ["a red solid heart", "a blue striped circle"]
         .map(String::from)
         .to_vec();
-    let reference = sample(
-        &sd,
-        None,
-        &GenerateRequest {
-            prompts: preservation.clone(),
-            negative_prompt: String::new(),
-            seed: 77,
-            steps: preset.sampling.steps,
-            guidance_scale: preset.sampling.guidance_scale,
-            width: 64,
-            height: 64,
-            eta: 1.0,
-        },
-    )
-    .unwrap();
+    let reference = original_trajectories(&sd, &preset, &preservation, 77);
     let drift_after_training = |weight: f64| {
         let mut config = preset.ddpo.clone();
         config.preservation_weight = weight;
@@ -322,6 +337,87 @@ fn the_preservation_term_keeps_preservation_prompts_close_to_the_original() {
     let held = drift_after_training(10.0);
     println!("drift on preservation prompts: {free:.4} without the term, {held:.4} with it");
     assert!(free > 0.0 && held < free / 2.0, "{free} vs {held}");
+}
+
+/// The anchor term pulls the adapter's predictions on target prompts towards the original
+/// model's for the prompt without the concept: after the same three epochs, on trajectories the
+/// original model sampled, the distance to that target has fallen far more with the term than
+/// without it. Without filter words there is no anchor prompt, and the trainer says so.
+#[test]
+fn the_anchor_term_pulls_target_prompts_towards_the_concept_free_prediction() {
+    // Some negative guidance, so the target is more than the anchor prompt's prediction.
+    const GUIDANCE: f64 = 0.5;
+    let device = Device::Cpu;
+    let sd = setup::load_model("demo", &device).unwrap();
+    let mut preset = micro_preset(3);
+    preset.sampling.steps = 5;
+    preset.ddpo.batch_size = 4;
+    let (reward, _) = setup::Scorers::new(sd.source.root(), &device)
+        .reward(&preset)
+        .unwrap();
+    let target: Vec<String> = [
+        "a red solid star on a white background",
+        "a blue striped star",
+    ]
+    .map(String::from)
+    .to_vec();
+    let reference = original_trajectories(&sd, &preset, &target, 78);
+    let anchored = ["a red solid on a white background", "a blue striped"].map(String::from);
+    let anchor = Conditioning::encode(&sd, &anchored, "", 1.0).unwrap().cond;
+    let items = candle_core::Tensor::new(&[0u32, 1], &device).unwrap();
+    let distance = |adapter: &ErasureAdapter| {
+        (0..reference.steps())
+            .map(|step| {
+                step_anchor_distance(&sd, adapter, &reference, step, &items, &anchor, GUIDANCE)
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .sum::<f32>()
+    };
+    fn trainer<'a>(
+        sd: &'a StableDiffusion,
+        reward: &'a ErasureReward,
+        preset: &Preset,
+        target: &[String],
+        anchor_weight: f64,
+    ) -> anyhow::Result<ErasureTrainer<'a>> {
+        let mut config = preset.ddpo.clone();
+        config.anchor_weight = anchor_weight;
+        config.anchor_guidance = GUIDANCE;
+        let prompts = TrainingPrompts {
+            target: target.to_vec(),
+            preservation: vec![],
+        };
+        let sampling = preset.sampling.clone();
+        ErasureTrainer::new(sd, reward, prompts, sampling, 64, preset.adapter, config)
+    }
+    let distance_after_training = |weight: f64| {
+        let mut t = trainer(&sd, &reward, &preset, &target, weight).unwrap();
+        let before = distance(t.adapter());
+        for _ in 0..3 {
+            let m = t.run_epoch(&|| false).unwrap().unwrap();
+            assert_eq!(m.anchor_distance.is_some(), weight > 0.0);
+        }
+        (before, distance(t.adapter()))
+    };
+    let (start, free) = distance_after_training(0.0);
+    let (_, pulled) = distance_after_training(10.0);
+    println!(
+        "anchor distance {start:.4} at the start, {free:.4} without the term, {pulled:.4} with it"
+    );
+    assert!(
+        pulled < 0.5 * start && pulled < 0.5 * free,
+        "{start} / {free} / {pulled}"
+    );
+
+    let no_words = black_background_reward(sd.source.root());
+    let err = trainer(&sd, &no_words, &preset, &target, 1.0)
+        .err()
+        .expect("no filter words");
+    assert!(err.to_string().contains("prompts.filter_words"), "{err}");
 }
 
 fn adapter_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {

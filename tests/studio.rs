@@ -68,6 +68,7 @@ fn make_run_tiny(app: &mut StudioApp, epochs: usize) {
     ddpo.batch_size = 2;
     ddpo.batches_per_epoch = 1;
     ddpo.samples_per_prompt = 2;
+    ddpo.preservation_samples = 2;
     form.preview_every = 1;
 }
 

@@ -156,6 +156,38 @@ pub fn step_output_drift(
     shift.sqr()?.flatten_from(1)?.mean(1)
 }
 
+/// Mean squared difference [items] between the adapter's noise prediction for the prompt at the
+/// stored step `step` and where the original model points once the concept is taken out:
+/// `v(anchor) − g·(v(prompt) − v(anchor))`, `anchor` being the prompt without the concept words
+/// (its text conditioning [items, L, D]) and `g` the negative guidance that pushes further away
+/// from the concept (ESD's). Unguided, on the prompt's branch only, so the unconditional branch,
+/// which every prompt shares, is left to the preservation term.
+pub fn step_anchor_distance(
+    sd: &StableDiffusion,
+    adapter: &ErasureAdapter,
+    traj: &Trajectories,
+    step: usize,
+    items: &Tensor,
+    anchor: &Tensor,
+    negative_guidance: f64,
+) -> Result<Tensor> {
+    let t = traj.ddim.timesteps()[step];
+    let x = traj.latents[step].index_select(items, 0)?;
+    let unguided = |cond: Tensor| Conditioning {
+        cond,
+        uncond: None,
+        guidance_scale: 1.0,
+    };
+    let prompt = unguided(traj.conditioning.cond.index_select(items, 0)?);
+    let original = prompt.predict(&sd.unet, &x, t, None)?.detach();
+    let anchored = unguided(anchor.clone())
+        .predict(&sd.unet, &x, t, None)?
+        .detach();
+    let target = (&anchored - ((original - &anchored)? * negative_guidance)?)?;
+    let out = prompt.predict(&sd.unet, &x, t, Some(adapter))?;
+    (out - target)?.sqr()?.flatten_from(1)?.mean(1)
+}
+
 /// The stored x_t of step `step` for batch `items`, and the adapter's guided output there, with
 /// gradients to its variables.
 fn adapter_output(

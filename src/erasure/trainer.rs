@@ -20,8 +20,8 @@ use super::preset::SamplingSpec;
 use super::rollout::{self, Trajectories};
 use crate::adapter::{AdapterConfig, ErasureAdapter};
 use crate::engine::StableDiffusion;
-use crate::engine::pipeline::{GenerateRequest, decode_images};
-use crate::reward::cer::{CerWeights, ErasureReward, RewardComponents};
+use crate::engine::pipeline::{Conditioning, GenerateRequest, decode_images};
+use crate::reward::cer::{CerWeights, ErasureReward, RewardComponents, filter_words};
 use crate::stats::mean_std;
 use crate::train::run::{sorted_params, step_rng};
 use crate::train::{AdamW, AdamWConfig, StepOutcome, checkpoint};
@@ -65,6 +65,16 @@ pub struct DdpoConfig {
     /// Trajectories the original model samples each epoch from the preservation prompts, to
     /// hold the adapter to.
     pub preservation_samples: usize,
+    /// Weight of the anchor term: the mean squared difference between the adapter's noise
+    /// prediction on the epoch's target trajectories and the original model's for the same
+    /// prompt with the concept words taken out, pushed `anchor_guidance` further from the
+    /// concept; added to every update. It gives each update a dense pull towards erasure: the
+    /// policy gradient alone is a noisy estimate (one random direction per sample) that needs
+    /// far more samples than a CPU run affords. 0 trains on the reward alone, as the paper does.
+    pub anchor_weight: f64,
+    /// Negative guidance of the anchor term's target, `v(anchor) − g·(v(prompt) − v(anchor))`:
+    /// 0 maps the concept onto the prompt without it, higher values push further away.
+    pub anchor_guidance: f64,
     pub seed: u64,
 }
 
@@ -87,6 +97,8 @@ impl Default for DdpoConfig {
             max_grad_norm: 1.0,
             preservation_weight: 0.0,
             preservation_samples: 8,
+            anchor_weight: 0.0,
+            anchor_guidance: 0.0,
             seed: 0,
         }
     }
@@ -168,6 +180,16 @@ impl DdpoConfig {
                 "ddpo.preservation_samples",
                 "must be at least 1",
             ),
+            (
+                self.anchor_weight >= 0.0 && self.anchor_weight.is_finite(),
+                "ddpo.anchor_weight",
+                "must be a number ≥ 0",
+            ),
+            (
+                self.anchor_guidance >= 0.0 && self.anchor_guidance.is_finite(),
+                "ddpo.anchor_guidance",
+                "must be a number ≥ 0",
+            ),
         ];
         for (ok, field, what) in checks {
             if !ok {
@@ -243,6 +265,10 @@ pub struct EpochMetrics {
     /// a preservation term.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preservation_drift: Option<f64>,
+    /// Mean anchor term (unweighted) before each update: how far the adapter's predictions on
+    /// the target trajectories are from the concept-free target; absent without an anchor term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_distance: Option<f64>,
     /// Mean gradient norm (before clipping) of the applied updates.
     #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
@@ -312,6 +338,13 @@ impl<'a> ErasureTrainer<'a> {
             anyhow::bail!(
                 "field `ddpo.preservation_weight` is above 0 but there are no neighbour or \
                  neutral prompts to train on; add some, or set it to 0"
+            );
+        }
+        if config.anchor_weight > 0.0 && reward.concept_words.is_empty() {
+            anyhow::bail!(
+                "field `ddpo.anchor_weight` is above 0 but `prompts.filter_words` is empty, so \
+                 the anchor prompt would be the target prompt itself; name the concept's words, \
+                 or set it to 0"
             );
         }
         let adapter = ErasureAdapter::new(
@@ -440,6 +473,14 @@ impl<'a> ErasureTrainer<'a> {
         } else {
             None
         };
+        let anchors = if c.anchor_weight > 0.0 {
+            batches
+                .iter()
+                .map(|b| self.anchor_conditioning(&b.request.prompts))
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            vec![]
+        };
         let seconds_sampling = started.elapsed().as_secs_f64();
 
         let reward_started = Instant::now();
@@ -462,6 +503,7 @@ impl<'a> ErasureTrainer<'a> {
             clip_fraction: f64::NAN,
             approx_kl: f64::NAN,
             preservation_drift: None,
+            anchor_distance: None,
             grad_norm: f64::NAN,
             updates: 0,
             skipped_updates: 0,
@@ -492,6 +534,7 @@ impl<'a> ErasureTrainer<'a> {
                     batches: &batches,
                     advantages: &adv,
                     reference: reference.as_ref(),
+                    anchors: &anchors,
                 };
                 if !self.train_on(&data, &mut rng, &mut metrics, stop)? {
                     return Ok(None);
@@ -502,6 +545,13 @@ impl<'a> ErasureTrainer<'a> {
         metrics.seconds = started.elapsed().as_secs_f64();
         self.epochs_done += 1;
         Ok(Some(metrics))
+    }
+
+    /// The text conditioning of `prompts` without the concept words, for the anchor term.
+    fn anchor_conditioning(&self, prompts: &[String]) -> candle_core::Result<Tensor> {
+        let words = &self.reward.concept_words;
+        let anchored: Vec<String> = prompts.iter().map(|p| filter_words(p, words)).collect();
+        Ok(Conditioning::encode(self.sd, &anchored, "", 1.0)?.cond)
     }
 
     /// A sampling request for `prompts` with the run's settings and a seed from `rng`.
@@ -555,7 +605,7 @@ impl<'a> ErasureTrainer<'a> {
         let trained_steps =
             ((eligible as f64 * c.timestep_fraction).ceil() as usize).clamp(1, eligible);
         let (mut losses, mut clip_fractions, mut kls, mut norms) = (vec![], vec![], vec![], vec![]);
-        let mut drifts = vec![];
+        let (mut drifts, mut anchor_distances) = (vec![], vec![]);
         let snapshot = self.snapshot()?;
         for _ in 0..c.inner_epochs {
             let mut order: Vec<usize> = (0..eligible).collect();
@@ -600,17 +650,27 @@ impl<'a> ErasureTrainer<'a> {
                 }
                 // The mean over the passes taken.
                 self.scale(&mut accumulated, 1.0 / taken as f64)?;
+                if !data.anchors.is_empty() {
+                    let distance = self.anchor_pass(data, rng)?;
+                    let term = WeightedTerm {
+                        name: "anchor term",
+                        weight: c.anchor_weight,
+                    };
+                    self.add_term(
+                        &mut accumulated,
+                        term,
+                        distance,
+                        &mut anchor_distances,
+                        metrics,
+                    )?;
+                }
                 if let Some(reference) = data.reference {
                     let drift = self.preservation_pass(reference, rng)?;
-                    let value = drift.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    drifts.push(value);
-                    if value.is_finite() {
-                        let scaled = (drift * c.preservation_weight)?;
-                        self.accumulate(&mut accumulated, &scaled.backward()?)?;
-                    } else {
-                        eprintln!("preservation term is {value}; left out of this update");
-                        metrics.skipped_losses += 1;
-                    }
+                    let term = WeightedTerm {
+                        name: "preservation term",
+                        weight: c.preservation_weight,
+                    };
+                    self.add_term(&mut accumulated, term, drift, &mut drifts, metrics)?;
                 }
                 match self.opt.step(&accumulated)? {
                     StepOutcome::Applied { grad_norm } => {
@@ -635,6 +695,7 @@ impl<'a> ErasureTrainer<'a> {
         metrics.clip_fraction = mean(&clip_fractions);
         metrics.approx_kl = mean(&kls);
         metrics.preservation_drift = (!drifts.is_empty()).then(|| mean(&drifts));
+        metrics.anchor_distance = (!anchor_distances.is_empty()).then(|| mean(&anchor_distances));
         metrics.grad_norm = mean(&norms);
         Ok(true)
     }
@@ -650,6 +711,48 @@ impl<'a> ErasureTrainer<'a> {
         let n = reference.request.prompts.len() as u32;
         let items = Tensor::arange(0u32, n, &self.sd.device)?;
         rollout::step_output_drift(self.sd, &self.adapter, reference, step, &items)?.mean(0)
+    }
+
+    /// Records an auxiliary term's value in `log` and adds its weighted gradient to
+    /// `accumulated`; a non-finite value is left out of the update and counted as skipped.
+    fn add_term(
+        &self,
+        accumulated: &mut GradStore,
+        term: WeightedTerm,
+        value: Tensor,
+        log: &mut Vec<f64>,
+        metrics: &mut EpochMetrics,
+    ) -> anyhow::Result<()> {
+        let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        log.push(scalar);
+        if scalar.is_finite() {
+            self.accumulate(accumulated, &(value * term.weight)?.backward()?)?;
+        } else {
+            eprintln!("{} is {scalar}; left out of this update", term.name);
+            metrics.skipped_losses += 1;
+        }
+        Ok(())
+    }
+
+    /// The anchor term over every batch of the epoch, each at a random step, with gradients to
+    /// the adapter.
+    fn anchor_pass(&self, data: &EpochData, rng: &mut impl Rng) -> candle_core::Result<Tensor> {
+        let mut distances = Vec::with_capacity(data.batches.len());
+        for (traj, anchor) in data.batches.iter().zip(data.anchors) {
+            let step = rng.random_range(0..traj.steps());
+            let n = traj.request.prompts.len() as u32;
+            let items = Tensor::arange(0u32, n, &self.sd.device)?;
+            distances.push(rollout::step_anchor_distance(
+                self.sd,
+                &self.adapter,
+                traj,
+                step,
+                &items,
+                anchor,
+                self.config.anchor_guidance,
+            )?);
+        }
+        Tensor::cat(&distances, 0)?.mean(0)
     }
 
     /// A copy of the weights and optimiser state, to undo a partly trained epoch.
@@ -705,6 +808,15 @@ struct EpochData<'e> {
     advantages: &'e [f64],
     /// The original model's trajectories on preservation prompts, when that term is on.
     reference: Option<&'e Trajectories>,
+    /// Per batch, the text conditioning of its prompts without the concept words; empty
+    /// without the anchor term.
+    anchors: &'e [Tensor],
+}
+
+/// An auxiliary loss added to every update, by the name the log gives it.
+struct WeightedTerm {
+    name: &'static str,
+    weight: f64,
 }
 
 struct Snapshot {
@@ -760,6 +872,7 @@ mod tests {
             clip_fraction: f64::NAN,
             approx_kl: f64::NAN,
             preservation_drift: None,
+            anchor_distance: None,
             grad_norm: f64::NAN,
             updates: 0,
             skipped_updates: 0,

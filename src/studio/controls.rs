@@ -317,6 +317,8 @@ fn advanced(ui: &mut egui::Ui, form: &mut super::forms::RunForm) {
             100.0,
             0.01,
         );
+        real(ui, "Anchor weight", &mut ddpo.anchor_weight, 100.0, 0.01);
+        real(ui, "Anchor guidance", &mut ddpo.anchor_guidance, 10.0, 0.01);
         real(ui, "DDIM η", &mut form.preset.sampling.eta, 1.0, 0.01);
         let label = ui.label("Sampling steps");
         ui.add(egui::DragValue::new(&mut form.preset.sampling.steps).range(2..=200))

@@ -241,6 +241,7 @@ mod tests {
             clip_fraction: 0.0,
             approx_kl: 0.0,
             preservation_drift: None,
+            anchor_distance: None,
             grad_norm: 0.0,
             updates: 1,
             skipped_updates: 0,
