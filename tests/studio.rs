@@ -314,21 +314,22 @@ fn snapshots_of_the_main_screens() {
 }
 
 /// Writes the README's screenshots, `docs/studio-curves.png` and `docs/studio-gallery.png`: the
-/// studio 12 epochs into a demo-star run with the preset's settings. Run by hand:
+/// studio 24 epochs into a demo-star run with the preset's settings, as the erasure takes hold.
+/// Run by hand:
 /// `cargo test --release --test studio -- --ignored readme_screenshots`.
 #[test]
 #[ignore = "writes the README screenshots (a few minutes of training)"]
 fn readme_screenshots() {
     let runs = temp_dir("screenshots");
     let mut h = studio(&runs);
-    h.state_mut().run_form.as_mut().unwrap().preview_every = 2;
+    h.state_mut().run_form.as_mut().unwrap().preview_every = 4;
     click(&mut h, "Start");
     let limit = Duration::from_secs(30 * 60);
-    step_until_within(&mut h, "12 epochs", limit, |app| {
+    step_until_within(&mut h, "24 epochs", limit, |app| {
         app.state
             .run
             .as_ref()
-            .is_some_and(|r| r.metrics.len() >= 12)
+            .is_some_and(|r| r.metrics.len() >= 24)
     });
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
     std::fs::create_dir_all(&docs).unwrap();
