@@ -290,6 +290,24 @@ fn original_trajectories(
     sample(sd, None, &request).unwrap()
 }
 
+/// A per-item measure [items] of each step of `traj`, averaged over the items and summed over
+/// the steps.
+fn sum_over_steps(
+    traj: &Trajectories,
+    per_step: impl Fn(usize) -> candle_core::Result<candle_core::Tensor>,
+) -> f32 {
+    (0..traj.steps())
+        .map(|step| {
+            per_step(step)
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .sum()
+}
+
 /// The preservation term holds the adapter to the original model on the preservation prompts:
 /// after the same three epochs of a reward that pulls the whole image, the adapter's noise
 /// predictions there have moved far less with the term than without it.
@@ -322,16 +340,9 @@ fn the_preservation_term_keeps_preservation_prompts_close_to_the_original() {
             assert_eq!(m.preservation_drift.is_some(), weight > 0.0);
         }
         let items = candle_core::Tensor::new(&[0u32, 1], &device).unwrap();
-        (0..reference.steps())
-            .map(|step| {
-                step_output_drift(&sd, t.adapter(), &reference, step, &items)
-                    .unwrap()
-                    .mean_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            })
-            .sum::<f32>()
+        sum_over_steps(&reference, |step| {
+            step_output_drift(&sd, t.adapter(), &reference, step, &items)
+        })
     };
     let free = drift_after_training(0.0);
     let held = drift_after_training(10.0);
@@ -365,17 +376,20 @@ fn the_anchor_term_pulls_target_prompts_towards_the_concept_free_prediction() {
     let anchored = ["a red solid on a white background", "a blue striped"].map(String::from);
     let anchor = Conditioning::encode(&sd, &anchored, "", 1.0).unwrap().cond;
     let items = candle_core::Tensor::new(&[0u32, 1], &device).unwrap();
+    // Anchored on the prompt itself, an untrained adapter already sits on the target, with or
+    // without negative guidance (up to the rounding of the adapter's unfused kernels; trained
+    // distances below are around 0.1 per step).
+    let untrained = ErasureAdapter::new(&sd.unet, preset.adapter, 0, DType::F32, &device).unwrap();
+    for g in [0.0, GUIDANCE] {
+        let own = &reference.conditioning.cond;
+        let d = step_anchor_distance(&sd, &untrained, &reference, 0, &items, own, g).unwrap();
+        let d = d.to_vec1::<f32>().unwrap();
+        assert!(d.iter().all(|&v| v < 1e-10), "g = {g}: {d:?}");
+    }
     let distance = |adapter: &ErasureAdapter| {
-        (0..reference.steps())
-            .map(|step| {
-                step_anchor_distance(&sd, adapter, &reference, step, &items, &anchor, GUIDANCE)
-                    .unwrap()
-                    .mean_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            })
-            .sum::<f32>()
+        sum_over_steps(&reference, |step| {
+            step_anchor_distance(&sd, adapter, &reference, step, &items, &anchor, GUIDANCE)
+        })
     };
     fn trainer<'a>(
         sd: &'a StableDiffusion,

@@ -179,11 +179,16 @@ pub fn step_anchor_distance(
         guidance_scale: 1.0,
     };
     let prompt = unguided(traj.conditioning.cond.index_select(items, 0)?);
-    let original = prompt.predict(&sd.unet, &x, t, None)?.detach();
     let anchored = unguided(anchor.clone())
         .predict(&sd.unet, &x, t, None)?
         .detach();
-    let target = (&anchored - ((original - &anchored)? * negative_guidance)?)?;
+    // Without negative guidance the prompt's own prediction drops out: spare its UNet call.
+    let target = if negative_guidance == 0.0 {
+        anchored
+    } else {
+        let original = prompt.predict(&sd.unet, &x, t, None)?.detach();
+        (&anchored - ((original - &anchored)? * negative_guidance)?)?
+    };
     let out = prompt.predict(&sd.unet, &x, t, Some(adapter))?;
     (out - target)?.sqr()?.flatten_from(1)?.mean(1)
 }
