@@ -5,7 +5,7 @@ use erasure_studio::demo_world::demo_model_dir;
 use erasure_studio::demo_world::scene::{Background, Colour, Fill, Object, Scene, render_batch};
 use erasure_studio::images;
 use erasure_studio::reward::cer::{
-    CerWeights, ClipDetector, ConceptDetector, concept_erasing_reward, filter_words,
+    CerWeights, ClipDetector, ConceptDetector, concept_erasing_reward, filter_words, replace_words,
 };
 use erasure_studio::reward::clip::ClipScorer;
 use image::imageops::FilterType;
@@ -116,6 +116,19 @@ fn concept_words_are_filtered_as_whole_words() {
     assert_eq!(
         filter_words("a starfish on a striped-less mat", &words),
         "a starfish on a striped-less mat"
+    );
+}
+
+#[test]
+fn concept_words_are_replaced_keeping_their_punctuation() {
+    let words = strings(&["striped"]);
+    assert_eq!(
+        replace_words("a (Striped), red star; striped-less", &words, "solid"),
+        "a (solid), red star; striped-less"
+    );
+    assert_eq!(
+        replace_words("a red   striped star", &words, ""),
+        filter_words("a red striped star", &words)
     );
 }
 

@@ -68,6 +68,10 @@ pub struct PromptSet {
     pub filter_words: Vec<String>,
     /// What an erased image should show instead, scored for alignment.
     pub anchor: String,
+    /// Words that stand in for the concept's words in the anchor term's prompt, one per sample
+    /// in turn (for a style, the other styles); without them the concept's words are dropped.
+    #[serde(default)]
+    pub anchor_substitutes: Vec<String>,
     /// Share of each expanded set (target, neighbours, neutral) kept out of training for
     /// evaluation.
     #[serde(default = "default_held_out")]
@@ -242,6 +246,11 @@ impl Preset {
             (0.0..1.0).contains(&p.held_out),
             "prompts.held_out",
             "must be in [0, 1)",
+        )?;
+        require(
+            p.anchor_substitutes.iter().all(|s| !s.trim().is_empty()),
+            "prompts.anchor_substitutes",
+            "must not hold an empty word (leave the list empty to drop the concept's words)",
         )?;
         for (field, list) in [
             ("prompts.target", &p.target),

@@ -20,7 +20,7 @@ use super::trainer::{EpochMetrics, ErasureTrainer, TrainingPrompts};
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
 use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
-use crate::engine::unet::CrossAttnHook;
+use crate::engine::unet::UNetHook;
 use crate::fs::write_atomic;
 use crate::images;
 use crate::train::run::{SECONDS_KEY, seconds_in};
@@ -256,7 +256,7 @@ pub fn render(
     preset: &Preset,
     prompts: &[String],
     seed: u64,
-    hook: Option<&dyn CrossAttnHook>,
+    hook: Option<&dyn UNetHook>,
 ) -> anyhow::Result<Tensor> {
     let size = image_size(preset, sd)?;
     let request = GenerateRequest {
@@ -270,7 +270,7 @@ pub fn render(
         eta: 0.0,
     };
     let hooks = SampleHooks {
-        cross_attn: hook,
+        adapter: hook,
         on_step: None,
     };
     Ok(txt2img(sd, &request, hooks)?.1)
@@ -288,6 +288,7 @@ fn execute(
     let prompts = TrainingPrompts {
         target: preset.split(PromptKind::Target)?.0,
         preservation: preset.preservation_prompts()?,
+        anchor_substitutes: preset.prompts.anchor_substitutes.clone(),
     };
     let mut trainer = ErasureTrainer::new(
         sd,

@@ -21,7 +21,9 @@ use super::rollout::{self, Trajectories};
 use crate::adapter::{AdapterConfig, ErasureAdapter};
 use crate::engine::StableDiffusion;
 use crate::engine::pipeline::{Conditioning, GenerateRequest, decode_images};
-use crate::reward::cer::{CerWeights, ErasureReward, RewardComponents, filter_words};
+use crate::reward::cer::{
+    CerWeights, ErasureReward, RewardComponents, filter_words, replace_words,
+};
 use crate::stats::mean_std;
 use crate::train::run::{sorted_params, step_rng};
 use crate::train::{AdamW, AdamWConfig, StepOutcome, checkpoint};
@@ -298,6 +300,22 @@ pub struct TrainingPrompts {
     /// Prompts whose images must not change (neighbours and neutral), held to the original
     /// model by the preservation term.
     pub preservation: Vec<String>,
+    /// Stand-ins for the concept's words in the anchor term's prompts, used in turn; empty to
+    /// drop the words.
+    pub anchor_substitutes: Vec<String>,
+}
+
+/// The anchor term's prompts: each of `prompts` with the concept's `words` replaced by the
+/// `substitutes` in turn, or dropped when there are none.
+pub fn anchor_prompts(prompts: &[String], words: &[String], substitutes: &[String]) -> Vec<String> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match substitutes.len() {
+            0 => filter_words(p, words),
+            n => replace_words(p, words, &substitutes[i % n]),
+        })
+        .collect()
 }
 
 /// A DDPO run in memory: the adapter, its optimiser and the epochs done.
@@ -547,10 +565,14 @@ impl<'a> ErasureTrainer<'a> {
         Ok(Some(metrics))
     }
 
-    /// The text conditioning of `prompts` without the concept words, for the anchor term.
+    /// The text conditioning of `prompts` with the concept words replaced by the substitutes in
+    /// turn (or dropped), for the anchor term.
     fn anchor_conditioning(&self, prompts: &[String]) -> candle_core::Result<Tensor> {
-        let words = &self.reward.concept_words;
-        let anchored: Vec<String> = prompts.iter().map(|p| filter_words(p, words)).collect();
+        let anchored = anchor_prompts(
+            prompts,
+            &self.reward.concept_words,
+            &self.prompts.anchor_substitutes,
+        );
         Ok(Conditioning::encode(self.sd, &anchored, "", 1.0)?.cond)
     }
 

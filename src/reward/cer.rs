@@ -73,14 +73,28 @@ pub struct RewardComponents {
 /// `prompt` without the words in `words` (whole words, any case; punctuation next to a removed
 /// word goes with it), spaces collapsed.
 pub fn filter_words(prompt: &str, words: &[String]) -> String {
-    let drop: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
+    replace_words(prompt, words, "")
+}
+
+/// `prompt` with each of the words in `words` (whole words, any case) replaced by
+/// `substitute`, keeping the punctuation around it; an empty `substitute` removes the word and
+/// its punctuation. Spaces are collapsed.
+pub fn replace_words(prompt: &str, words: &[String], substitute: &str) -> String {
+    let targets: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
     prompt
         .split_whitespace()
-        .filter(|token| {
-            let bare = token
-                .trim_matches(|c: char| !c.is_alphanumeric())
-                .to_lowercase();
-            !drop.contains(&bare)
+        .filter_map(|token| {
+            let bare = token.trim_matches(|c: char| !c.is_alphanumeric());
+            if !targets.contains(&bare.to_lowercase()) {
+                Some(token.to_string())
+            } else if substitute.is_empty() {
+                None
+            } else {
+                // `bare` is a slice of `token`, so the text around it is the punctuation.
+                let start = bare.as_ptr() as usize - token.as_ptr() as usize;
+                let end = start + bare.len();
+                Some(format!("{}{substitute}{}", &token[..start], &token[end..]))
+            }
         })
         .collect::<Vec<_>>()
         .join(" ")
