@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 
+use erasure_studio::adapter::stack::{AdapterSpec, AdapterStack};
 use erasure_studio::bench;
 use erasure_studio::demo_world::judge::{self, JudgeConfig};
 use erasure_studio::demo_world::quality::{self, QualitySettings};
@@ -87,6 +88,10 @@ enum Commands {
         /// How much of the init image to repaint, 0–1 (img2img).
         #[arg(long, default_value_t = 0.75)]
         strength: f64,
+        /// An adapter to apply, `FILE[:strength]` (strength 1 by default): a native adapter or
+        /// a kohya / PEFT LoRA. Repeat to stack several.
+        #[arg(long = "adapter")]
+        adapters: Vec<AdapterSpec>,
         /// Output PNG (the batch as a grid).
         #[arg(long)]
         out: PathBuf,
@@ -101,6 +106,9 @@ enum Commands {
         inputs: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// An adapter applied to the UNet, `FILE[:strength]`; repeat to stack several.
+        #[arg(long = "adapter")]
+        adapters: Vec<AdapterSpec>,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -113,6 +121,8 @@ enum Commands {
     Erase(crate::erasure_cli::EraseArgs),
     /// Evaluate an erasure on held-out prompts and seeds: erasure rate and preservation.
     Eval(crate::erasure_cli::EvalArgs),
+    /// Export a run's adapter: the native file, or a kohya / PEFT LoRA for other tools.
+    Export(crate::erasure_cli::ExportArgs),
     /// Time the engine at SD-1.5 size with random weights.
     Bench {
         /// Print one JSON object per line.
@@ -218,6 +228,7 @@ pub fn run() -> anyhow::Result<()> {
             eta,
             init_image,
             strength,
+            adapters,
             out,
             device,
         } => {
@@ -239,6 +250,10 @@ pub fn run() -> anyhow::Result<()> {
                 source.root().display(),
                 started.elapsed().as_secs_f64()
             );
+            let stack = AdapterStack::load(&adapters, &sd.unet, dtype, &dev)?;
+            for (spec, adapter) in adapters.iter().zip(&stack.adapters) {
+                eprintln!("{}: {}", spec.path.display(), adapter.describe());
+            }
             let (width, height) = image_size(&sd, width, height, init_image.as_deref())?;
             let req = GenerateRequest {
                 prompts: vec![prompt; batch.max(1)],
@@ -252,7 +267,7 @@ pub fn run() -> anyhow::Result<()> {
             };
             let progress = |done: usize, total: usize| eprint!("\rstep {done}/{total}");
             let hooks = SampleHooks {
-                cross_attn: None,
+                adapter: stack.as_hook(),
                 on_step: Some(&progress),
             };
             let (_, imgs) =
@@ -280,6 +295,10 @@ pub fn run() -> anyhow::Result<()> {
         Commands::Eval(args) => {
             let device = parse_device(&args.device)?;
             crate::erasure_cli::eval(args, &device)?
+        }
+        Commands::Export(args) => {
+            let device = parse_device(&args.device)?;
+            crate::erasure_cli::export(args, &device)?
         }
         Commands::DemoWorld {
             command: DemoWorldCommand::Preview { seed, count, out },
@@ -432,10 +451,11 @@ pub fn run() -> anyhow::Result<()> {
             model,
             inputs,
             out,
+            adapters,
             device,
         } => {
             let source = ModelSource::resolve(&model)?;
-            let names = parity::run(&source, &inputs, &out, &parse_device(&device)?)?;
+            let names = parity::run(&source, &inputs, &out, &adapters, &parse_device(&device)?)?;
             println!("wrote {} ({})", out.display(), names.join(", "));
         }
         Commands::Bench {

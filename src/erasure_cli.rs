@@ -1,13 +1,15 @@
-//! The `erase` and `eval` commands: erasure runs from a preset, headless.
+//! The `erase`, `eval` and `export` commands: erasure runs from a preset, headless.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
+use erasure_studio::adapter::ErasureAdapter;
+use erasure_studio::erasure::export::{self, ExportFormat};
 use erasure_studio::erasure::session::{self, Preview, RunEnd, RunObserver, RunOptions};
 use erasure_studio::erasure::trainer::EpochMetrics;
-use erasure_studio::erasure::{evaluate, preset};
+use erasure_studio::erasure::{evaluate, preset, setup};
 
 #[derive(clap::Args)]
 pub struct EraseArgs {
@@ -203,5 +205,81 @@ pub fn eval(args: EvalArgs, device: &candle_core::Device) -> anyhow::Result<()> 
         out.join(evaluate::REPORT_FILE).display(),
         out.join(evaluate::GRID_FILE).display()
     );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The run folder whose finished adapter to export.
+    #[arg(long)]
+    run: PathBuf,
+    /// `native` (the whole adapter), `kohya` or `peft` (LoRA files other tools load).
+    #[arg(long)]
+    format: ExportFormat,
+    /// The file to write (`.safetensors`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Fold a rank-K approximation of the Safe Adapter into a LoRA export (applied to every
+    /// token, which a LoRA cannot avoid); without it the LoRA branch alone is exported.
+    #[arg(long)]
+    fold_rank: Option<usize>,
+    /// Skip measuring the exported LoRA's erasure rate next to the full adapter's.
+    #[arg(long)]
+    no_compare: bool,
+    /// Compute device: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn export(args: ExportArgs, device: &candle_core::Device) -> anyhow::Result<()> {
+    let dir = session::RunDir::new(&args.run);
+    let adapter_path = dir.adapter();
+    if !adapter_path.is_file() {
+        bail!(
+            "{} has no adapter.safetensors yet: the run has not finished (continue it with \
+             `erasure-studio erase --resume {}`)",
+            args.run.display(),
+            args.run.display()
+        );
+    }
+    let preset = dir.load_preset()?;
+    let sd = setup::load_model(&preset.model, device)?;
+    let adapter = ErasureAdapter::load(&adapter_path, &sd.unet, candle_core::DType::F32, device)?;
+    if args.format == ExportFormat::Native && args.fold_rank.is_some() {
+        bail!(
+            "--fold-rank applies to LoRA exports (kohya, peft); a native file keeps the whole adapter"
+        );
+    }
+    let title = format!("{} erased ({})", preset.concept, preset.name);
+    export::write(
+        &adapter,
+        &sd,
+        args.format,
+        args.fold_rank,
+        &title,
+        &args.out,
+    )?;
+    println!("wrote {}", args.out.display());
+    if args.format == ExportFormat::Native || args.no_compare {
+        return Ok(());
+    }
+    println!(
+        "a LoRA cannot hold the Safe Adapter (it acts on the last {} tokens only); measuring \
+         what the export keeps of the erasure on the held-out target prompts…",
+        adapter.config().tail_tokens
+    );
+    let report: Option<evaluate::Report> = std::fs::read(args.run.join(evaluate::REPORT_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let comparison = export::compare(
+        &sd,
+        &preset,
+        &adapter,
+        &args.out,
+        report.as_ref(),
+        &mut |d, t| eprint!("\r{d}/{t} images"),
+    )?;
+    eprintln!();
+    println!("{}", comparison.summary());
     Ok(())
 }

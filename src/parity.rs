@@ -9,18 +9,22 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 
+use crate::adapter::stack::{AdapterSpec, AdapterStack};
 use crate::engine::clip_model::ClipModel;
 use crate::engine::ddim::Ddim;
 use crate::engine::model::ModelSource;
 use crate::engine::noise::BatchNoise;
-use crate::engine::pipeline::{Conditioning, Denoiser};
+use crate::engine::pipeline::{Conditioning, Denoiser, SampleHooks};
+use crate::engine::unet::UNet;
 
 /// Runs every input group present in `inputs` and writes the outputs atomically to `out`.
 /// Returns the names of the written tensors.
+/// `adapters` apply to every UNet evaluation (the `unet.*` and `pipeline.*` groups).
 pub fn run(
     model: &ModelSource,
     inputs: &Path,
     out: &Path,
+    adapters: &[AdapterSpec],
     device: &Device,
 ) -> anyhow::Result<Vec<String>> {
     let (tensors, metadata) = read_inputs(inputs)?;
@@ -59,13 +63,23 @@ pub fn run(
         let hidden = encoder.forward(&get("text_encoder.input_ids")?)?;
         outputs.insert("text_encoder.last_hidden_state".into(), hidden);
     }
-    if has("unet.") {
+    // The UNet is loaded once, with the adapters, by whichever group needs it first.
+    let unet_cell = std::cell::OnceCell::new();
+    let unet = || -> anyhow::Result<&(UNet, AdapterStack)> {
+        if let Some(loaded) = unet_cell.get() {
+            return Ok(loaded);
+        }
         let unet = model.unet(device, dtype)?;
+        let stack = AdapterStack::load(adapters, &unet, dtype, device)?;
+        Ok(unet_cell.get_or_init(|| (unet, stack)))
+    };
+    if has("unet.") {
+        let (unet, stack) = unet()?;
         let out = unet.forward(
             &get("unet.sample")?.to_dtype(dtype)?,
             &get("unet.timesteps")?,
             &get("unet.encoder_hidden_states")?.to_dtype(dtype)?,
-            None,
+            stack.as_hook(),
         )?;
         outputs.insert("unet.out".into(), out);
     }
@@ -76,7 +90,7 @@ pub fn run(
     }
     if has("pipeline.") {
         let encoder = model.text_encoder(device, dtype)?;
-        let unet = model.unet(device, dtype)?;
+        let (unet, stack) = unet()?;
         let scheduler = model.scheduler_config()?.for_sd_pipeline();
         let steps = scalar(&get("pipeline.steps")?)? as usize;
         let guidance_scale = scalar(&get("pipeline.guidance_scale")?)?;
@@ -94,11 +108,14 @@ pub fn run(
         // η = 0: deterministic, so the noise stream is never drawn from.
         let mut unused_noise = BatchNoise::new(0, init.dim(0)?);
         let denoiser = Denoiser {
-            unet: &unet,
+            unet,
             ddim: &ddim,
             conditioning: &conditioning,
             eta: 0.0,
-            hooks: Default::default(),
+            hooks: SampleHooks {
+                adapter: stack.as_hook(),
+                on_step: None,
+            },
         };
         let latents = denoiser.run(ddim.timesteps(), init, &mut unused_noise)?;
         outputs.insert("pipeline.latents".into(), latents);

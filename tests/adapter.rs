@@ -11,7 +11,6 @@ use erasure_studio::engine::clip_text::ids_tensor;
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
 use erasure_studio::engine::noise::NoiseStream;
 use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
-use erasure_studio::engine::unet::CrossAttnHook;
 
 fn request() -> GenerateRequest {
     GenerateRequest {
@@ -60,7 +59,7 @@ fn an_untrained_adapter_leaves_generations_bit_identical() {
         let adapter = ErasureAdapter::new(&sd.unet, config, 0, DType::F32, &Device::Cpu).unwrap();
         let sampling = adapter.detached();
         let hooks = SampleHooks {
-            cross_attn: Some(&sampling),
+            adapter: Some(&sampling),
             ..Default::default()
         };
         let (_, adapted) = txt2img(&sd, &request(), hooks).unwrap();
@@ -87,7 +86,7 @@ fn key_values(
         .map(|layer| {
             [
                 layer.base_key_value(context).unwrap(),
-                adapter.key_value(layer, context).unwrap(),
+                layer.key_value(context, Some(adapter)).unwrap(),
             ]
         })
         .collect()

@@ -20,7 +20,7 @@ use erasure_studio::erasure::rollout::{
 use erasure_studio::erasure::session::{self, RunDir, RunEnd, RunObserver, RunOptions};
 use erasure_studio::erasure::setup;
 use erasure_studio::erasure::trainer::{
-    Baseline, DdpoConfig, EpochMetrics, ErasureTrainer, TrainingPrompts,
+    Baseline, DdpoConfig, EpochMetrics, ErasureTrainer, TrainingPrompts, anchor_prompts,
 };
 use erasure_studio::reward::cer::{CerWeights, ErasureReward};
 use erasure_studio::reward::clip::ClipScorer;
@@ -151,6 +151,11 @@ fn bad_presets_are_refused_with_the_field_named() {
             "filter_words = []",
             "prompts.filter_words",
         ),
+        (
+            "filter_words = [\"star\"]",
+            "filter_words = [\"star\"]\nanchor_substitutes = [\"heart\", \" \"]",
+            "prompts.anchor_substitutes",
+        ),
     ];
     for (from, to, expected) in cases {
         assert!(good.contains(from), "{from}");
@@ -163,6 +168,21 @@ fn bad_presets_are_refused_with_the_field_named() {
     assert!(
         err.contains("{a_colour}") && err.contains("prompts.target"),
         "{err}"
+    );
+}
+
+#[test]
+fn anchor_prompts_take_the_substitutes_in_turn_or_drop_the_concept() {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let prompts = strings(&["a red striped star", "striped, blue", "a green circle"]);
+    let words = strings(&["striped"]);
+    assert_eq!(
+        anchor_prompts(&prompts, &words, &strings(&["solid", "dotted"])),
+        ["a red solid star", "dotted, blue", "a green circle"]
+    );
+    assert_eq!(
+        anchor_prompts(&prompts, &words, &[]),
+        ["a red star", "blue", "a green circle"]
     );
 }
 
@@ -223,6 +243,7 @@ fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
             TrainingPrompts {
                 target: prompts.clone(),
                 preservation: vec![],
+                anchor_substitutes: vec![],
             },
             preset.sampling.clone(),
             64,
@@ -330,6 +351,7 @@ fn the_preservation_term_keeps_preservation_prompts_close_to_the_original() {
         let prompts = TrainingPrompts {
             target: vec!["a red solid square".into(), "a green dotted star".into()],
             preservation: preservation.clone(),
+            anchor_substitutes: vec![],
         };
         let sampling = preset.sampling.clone();
         let mut t =
@@ -404,6 +426,7 @@ fn the_anchor_term_pulls_target_prompts_towards_the_concept_free_prediction() {
         let prompts = TrainingPrompts {
             target: target.to_vec(),
             preservation: vec![],
+            anchor_substitutes: vec![],
         };
         let sampling = preset.sampling.clone();
         ErasureTrainer::new(sd, reward, prompts, sampling, 64, preset.adapter, config)

@@ -17,7 +17,7 @@ fn check_case(model: &str, case: &str) {
     let inputs = dir
         .join("parity")
         .join(format!("{case}-inputs.safetensors"));
-    let written = parity::run(&source, &inputs, &out, &Device::Cpu).unwrap();
+    let written = parity::run(&source, &inputs, &out, &[], &Device::Cpu).unwrap();
     let expected = load(
         &dir.join("parity")
             .join(format!("{case}-expected.safetensors")),

@@ -203,7 +203,7 @@ fn progress_is_reported_once_per_step() {
     let calls = std::cell::RefCell::new(Vec::new());
     let record = |done: usize, total: usize| calls.borrow_mut().push((done, total));
     let hooks = SampleHooks {
-        cross_attn: None,
+        adapter: None,
         on_step: Some(&record),
     };
     txt2img(&sd, &request(&["a cat"], 0, 0.0), hooks).unwrap();

@@ -313,24 +313,20 @@ fn snapshots_of_the_main_screens() {
     h.snapshot("studio-custom-concept");
 }
 
-/// Writes the README's screenshots, `docs/studio-curves.png` and `docs/studio-gallery.png`: the
-/// studio 24 epochs into a demo-star run with the preset's settings, as the erasure takes hold.
-/// Run by hand:
+/// The whole path with the preset's own settings: erase "star" from the demo model in the
+/// studio, writing the README's screenshots (`docs/studio-curves.png`, `docs/studio-gallery.png`)
+/// 24 epochs in, as the erasure takes hold; then finish, evaluate and export. Run by hand:
 /// `cargo test --release --test studio -- --ignored readme_screenshots`.
 #[test]
-#[ignore = "writes the README screenshots (a few minutes of training)"]
-fn readme_screenshots() {
-    let runs = temp_dir("screenshots");
+#[ignore = "a full demo-star erasure and its evaluation (about 20 minutes in release)"]
+fn readme_screenshots_and_a_full_erasure() {
+    let runs = temp_dir("full");
     let mut h = studio(&runs);
     h.state_mut().run_form.as_mut().unwrap().preview_every = 4;
     click(&mut h, "Start");
-    let limit = Duration::from_secs(30 * 60);
-    step_until_within(&mut h, "24 epochs", limit, |app| {
-        app.state
-            .run
-            .as_ref()
-            .is_some_and(|r| r.metrics.len() >= 24)
-    });
+    let limit = Duration::from_secs(40 * 60);
+    let epochs_done = |app: &StudioApp| app.state.run.as_ref().map_or(0, |r| r.metrics.len());
+    step_until_within(&mut h, "24 epochs", limit, |app| epochs_done(app) >= 24);
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
     std::fs::create_dir_all(&docs).unwrap();
     for (tab, name) in [
@@ -342,8 +338,38 @@ fn readme_screenshots() {
         let image = h.render().expect("a wgpu adapter renders the frame");
         image.save(docs.join(format!("{name}.png"))).unwrap();
     }
-    click(&mut h, "Cancel");
-    step_until(&mut h, "the run to stop", |app| !app.state.is_training());
+    step_until_within(&mut h, "the run to finish", limit, |app| {
+        app.state
+            .run
+            .as_ref()
+            .is_some_and(|r| r.status == RunStatus::Finished)
+    });
+    assert_eq!(epochs_done(h.state()), 40);
+
+    show_tab(&mut h, Tab::Evaluation);
+    click(&mut h, "Evaluate");
+    step_until_within(&mut h, "the report", limit, |app| {
+        app.state.evaluation.is_some()
+    });
+    let report = &h.state().state.evaluation.as_ref().unwrap().report;
+    let target = &report.sets[0];
+    eprintln!(
+        "held-out stars {:.1} % -> {:.1} %; accuracy {:?} -> {:?}",
+        100.0 * target.concept_rate_original,
+        100.0 * target.concept_rate_erased,
+        target.accuracy_original,
+        target.accuracy_erased
+    );
+    assert!(target.concept_rate_original >= 0.9 && target.concept_rate_erased <= 0.1);
+
+    show_tab(&mut h, Tab::Adapters);
+    let exported = runs.join("demo-star.safetensors");
+    h.state_mut().samples.export_path = exported.display().to_string();
+    click(&mut h, "Export");
+    step_until(&mut h, "the export", |app| {
+        app.state.busy.is_none() && exported.is_file()
+    });
+    assert!(errors(h.state()).is_empty(), "{:?}", errors(h.state()));
 }
 
 #[test]

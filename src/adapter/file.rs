@@ -23,7 +23,46 @@ fn layer_paths(unet: &UNet) -> Vec<String> {
         .collect()
 }
 
+/// The metadata of a safetensors file, read from its header alone.
+fn read_metadata(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read adapter file {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .with_context(|| format!("{}: not a safetensors file (too short)", path.display()))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        bail!(
+            "{}: not a safetensors file (header of {len} bytes)",
+            path.display()
+        );
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).with_context(|| {
+        format!(
+            "{}: not a safetensors file (header cut short)",
+            path.display()
+        )
+    })?;
+    let header: serde_json::Value = serde_json::from_slice(&header).with_context(|| {
+        format!(
+            "{}: not a safetensors file (header is not JSON)",
+            path.display()
+        )
+    })?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default())
+}
+
 impl ErasureAdapter {
+    /// Whether `path` is an adapter file written by [`save`](Self::save) (rather than a LoRA).
+    pub fn is_native_file(path: &Path) -> anyhow::Result<bool> {
+        Ok(read_metadata(path)?.get(FORMAT_KEY).map(String::as_str) == Some(FORMAT))
+    }
+
     /// Writes the adapter to `path` atomically.
     pub fn save(&self, path: &Path, unet: &UNet) -> anyhow::Result<()> {
         let tensors: BTreeMap<String, Tensor> = self
@@ -64,7 +103,7 @@ impl ErasureAdapter {
         if metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
             bail!(
                 "{}: not an Erasure Studio adapter (metadata `{FORMAT_KEY}` is not `{FORMAT}`); \
-                 kohya LoRA files are an export format and cannot be loaded back",
+                 a kohya or PEFT LoRA can be applied in generation but not trained further",
                 path.display()
             );
         }

@@ -9,13 +9,17 @@
 //! for training, the engine takes its differentiable attention kernels instead of the fused ones,
 //! which round differently: outputs then agree to about 1e-6.)
 
+pub mod export;
 mod file;
+pub mod lora;
+pub mod low_rank;
+pub mod stack;
 
 use candle_core::{D, DType, Device, Result, Tensor, bail};
 use candle_nn::{Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::unet::{CrossAttnHook, CrossAttnLayer, UNet};
+use crate::engine::unet::{CrossAttnLayer, UNet, UNetHook};
 use crate::train::init::seeded_var_builder;
 
 /// How the Safe Adapter's delta on the base key/value projections is parametrised.
@@ -243,11 +247,14 @@ impl ErasureAdapter {
     }
 }
 
-impl CrossAttnHook for ErasureAdapter {
-    fn key_value(&self, layer: &CrossAttnLayer, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = layer.base_key_value(context)?;
+impl UNetHook for ErasureAdapter {
+    fn key_value_update(
+        &self,
+        layer: &CrossAttnLayer,
+        context: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         if self.strength == 0.0 {
-            return Ok((k, v));
+            return Ok(None);
         }
         let tail = self.config.tail_tokens;
         let len = context.dim(D::Minus2)?;
@@ -264,8 +271,8 @@ impl CrossAttnHook for ErasureAdapter {
                 layer.path
             );
         };
-        let k = (k + (adapter.key.update(context, tail)? * self.strength)?)?;
-        let v = (v + (adapter.value.update(context, tail)? * self.strength)?)?;
-        Ok((k, v))
+        let dk = (adapter.key.update(context, tail)? * self.strength)?;
+        let dv = (adapter.value.update(context, tail)? * self.strength)?;
+        Ok(Some((dk, dv)))
     }
 }

@@ -26,6 +26,11 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    /// `[out, in, kh, kw]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Weights named `weight` (and `bias`) under `vb`, initialised like PyTorch's `Conv2d`.
     pub fn load(
         vb: VarBuilder,

@@ -7,7 +7,7 @@ use super::clip_text::ids_tensor;
 use super::ddim::Ddim;
 use super::model::StableDiffusion;
 use super::noise::BatchNoise;
-use super::unet::{CrossAttnHook, UNet};
+use super::unet::{UNet, UNetHook};
 
 /// What to generate. Item `i` of the batch uses seed `seed + i`, so any image can be reproduced
 /// alone.
@@ -73,7 +73,7 @@ impl Conditioning {
         unet: &UNet,
         x: &Tensor,
         t: usize,
-        hook: Option<&dyn CrossAttnHook>,
+        hook: Option<&dyn UNetHook>,
     ) -> Result<Tensor> {
         let model_dtype = self.cond.dtype();
         let out_dtype = x.dtype();
@@ -98,10 +98,10 @@ impl Conditioning {
     }
 }
 
-/// What a caller can plug into sampling: an adapter in cross-attention and a progress callback.
+/// What a caller can plug into sampling: an adapter on the UNet and a progress callback.
 #[derive(Default, Clone, Copy)]
 pub struct SampleHooks<'a> {
-    pub cross_attn: Option<&'a dyn CrossAttnHook>,
+    pub adapter: Option<&'a dyn UNetHook>,
     /// Called after each denoising step with (steps done, steps in all).
     pub on_step: Option<&'a dyn Fn(usize, usize)>,
 }
@@ -128,7 +128,7 @@ impl Denoiser<'_> {
         for (i, &t) in timesteps.iter().enumerate() {
             let out = self
                 .conditioning
-                .predict(self.unet, &latents, t, self.hooks.cross_attn)?;
+                .predict(self.unet, &latents, t, self.hooks.adapter)?;
             let step_noise = (self.eta > 0.0)
                 .then(|| noise.tensor(&item_shape, latents.device()))
                 .transpose()?;

@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::preset::{Preset, PromptKind};
 use super::session::{image_size, render, spread};
-use crate::adapter::ErasureAdapter;
+use crate::adapter::stack::{AdapterStack, LoadedAdapter};
 use crate::engine::StableDiffusion;
+use crate::engine::unet::UNetHook;
 use crate::images;
 use crate::reward::clip::ClipScorer;
 use crate::reward::judge::{Judge, Reading};
@@ -99,7 +100,9 @@ impl Report {
 pub struct Evaluation<'a> {
     pub sd: &'a StableDiffusion,
     pub preset: &'a Preset,
-    pub adapter: &'a ErasureAdapter,
+    /// The adapter under evaluation, ready for sampling (a detached [`ErasureAdapter`] or any
+    /// other hook).
+    pub adapter: &'a dyn UNetHook,
     pub judge: &'a dyn Judge,
     pub clip: &'a ClipScorer,
     pub reward_detector: String,
@@ -135,13 +138,9 @@ impl Evaluation<'_> {
         let mut first_seed = EVAL_SEED;
         let mut reports = Vec::new();
         let mut grid_rows = Vec::new();
-        let detached = self.adapter.detached();
         for (name, prompts) in &sets {
-            let mut per_image = Vec::new();
-            for prompt in prompts {
-                per_image.extend(std::iter::repeat_n(prompt.clone(), spec.seeds_per_prompt));
-            }
-            let graded = self.grade_set(&per_image, first_seed, &detached, &mut |n| {
+            let per_image = with_seeds(prompts, spec.seeds_per_prompt);
+            let graded = self.grade_set(&per_image, first_seed, &mut |n| {
                 done += n;
                 progress(done, total);
             })?;
@@ -176,7 +175,6 @@ impl Evaluation<'_> {
         &self,
         per_image: &[String],
         first_seed: u64,
-        adapter: &ErasureAdapter,
         count: &mut dyn FnMut(usize),
     ) -> anyhow::Result<GradedSet> {
         let seeds = self.preset.evaluation.seeds_per_prompt;
@@ -188,7 +186,7 @@ impl Evaluation<'_> {
             let seed = first_seed + (b * batch) as u64;
             let original = render(self.sd, self.preset, chunk, seed, None)?;
             count(chunk.len());
-            let erased = render(self.sd, self.preset, chunk, seed, Some(adapter))?;
+            let erased = render(self.sd, self.preset, chunk, seed, Some(self.adapter))?;
             count(chunk.len());
             readings_original.extend(self.judge.read(&original)?);
             readings_erased.extend(self.judge.read(&erased)?);
@@ -273,6 +271,41 @@ impl Evaluation<'_> {
     }
 }
 
+/// Each prompt once per seed, in order: evaluation image i is `result[i]` at seed
+/// `first_seed + i`.
+fn with_seeds(prompts: &[String], seeds: usize) -> Vec<String> {
+    prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), seeds))
+        .collect()
+}
+
+/// How often `judge` finds the concept in images of the held-out target prompts drawn with
+/// `adapter`: the same prompts and seeds as the target set of [`Evaluation::run`], so the rate
+/// compares with a report's `concept_rate_erased`. `progress(done, total)` counts images.
+pub fn target_concept_rate(
+    sd: &StableDiffusion,
+    preset: &Preset,
+    judge: &dyn Judge,
+    adapter: Option<&dyn UNetHook>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<f64> {
+    let spec = &preset.evaluation;
+    let prompts = spread(&preset.split(PromptKind::Target)?.1, spec.max_prompts);
+    let per_image = with_seeds(&prompts, spec.seeds_per_prompt);
+    let batch = PROMPTS_PER_BATCH * spec.seeds_per_prompt;
+    let mut found = 0;
+    for (b, chunk) in per_image.chunks(batch).enumerate() {
+        let images = render(sd, preset, chunk, EVAL_SEED + (b * batch) as u64, adapter)?;
+        found += judge.read(&images)?.iter().filter(|r| r.concept).count();
+        progress(
+            (b * batch + chunk.len()).min(per_image.len()),
+            per_image.len(),
+        );
+    }
+    Ok(found as f64 / per_image.len().max(1) as f64)
+}
+
 /// A prompt set's readings and per-image comparisons, and the images shown in the grid.
 struct GradedSet {
     original: Vec<Reading>,
@@ -306,8 +339,8 @@ fn pad_row(images: &Tensor, columns: usize) -> candle_core::Result<Tensor> {
 pub const REPORT_FILE: &str = "report.json";
 pub const GRID_FILE: &str = "comparison.png";
 
-/// Loads the model, judge and adapter a preset names and evaluates the adapter, writing
-/// `report.json` and `comparison.png` into `out`.
+/// Loads the model, judge and adapter (a native file or a LoRA) a preset names and evaluates
+/// the adapter, writing `report.json` and `comparison.png` into `out`.
 pub fn evaluate_adapter(
     preset: &Preset,
     adapter_path: &Path,
@@ -319,11 +352,14 @@ pub fn evaluate_adapter(
     let mut scorers = super::setup::Scorers::new(sd.source.root(), device);
     let (reward, reward_detector) = scorers.reward(preset)?;
     let judge = scorers.judge(preset)?;
-    let adapter = ErasureAdapter::load(adapter_path, &sd.unet, candle_core::DType::F32, device)?;
+    let adapter = LoadedAdapter::load(adapter_path, &sd.unet, candle_core::DType::F32, device)?;
+    let stack = AdapterStack {
+        adapters: vec![adapter],
+    };
     let evaluation = Evaluation {
         sd: &sd,
         preset,
-        adapter: &adapter,
+        adapter: &stack,
         judge: judge.as_ref(),
         clip: &reward.clip,
         reward_detector,

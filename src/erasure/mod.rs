@@ -2,6 +2,7 @@
 //! DDIM trajectories, trained with DDPO and PPO clipping on a concept-erasing reward.
 
 pub mod evaluate;
+pub mod export;
 pub mod ppo;
 pub mod preset;
 pub mod rollout;

@@ -15,7 +15,7 @@ use crate::engine::StableDiffusion;
 use crate::engine::ddim::{Ddim, Transition};
 use crate::engine::noise::BatchNoise;
 use crate::engine::pipeline::{Conditioning, GenerateRequest, latent_shape};
-use crate::engine::unet::CrossAttnHook;
+use crate::engine::unet::UNetHook;
 
 /// One batch of sampled trajectories.
 pub struct Trajectories {
@@ -81,7 +81,7 @@ pub fn sample_until(
     let mut latents = vec![x.clone()];
     let mut log_probs = Vec::with_capacity(request.steps);
     let mut outputs = Vec::with_capacity(request.steps);
-    let hook = adapter.map(|a| a as &dyn CrossAttnHook);
+    let hook = adapter.map(|a| a as &dyn UNetHook);
     for &t in ddim.timesteps() {
         if stop() {
             return Ok(None);

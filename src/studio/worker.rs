@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
 use crate::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
-use crate::engine::unet::CrossAttnHook;
+use crate::engine::unet::UNetHook;
 use crate::erasure::evaluate::{self, Report};
 use crate::erasure::preset::Preset;
 use crate::erasure::session::{self, Preview, RunDir, RunEnd, RunObserver, RunOptions};
@@ -466,7 +466,7 @@ impl Worker {
         let draw = |adapter: Option<&ErasureAdapter>| -> anyhow::Result<Picture> {
             let detached = adapter.map(ErasureAdapter::detached);
             let hooks = SampleHooks {
-                cross_attn: detached.as_ref().map(|a| a as &dyn CrossAttnHook),
+                adapter: detached.as_ref().map(|a| a as &dyn UNetHook),
                 on_step: None,
             };
             let images = match &init {

@@ -4,7 +4,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{DownKind, StageConfig, UNetConfig, UpKind};
-use super::transformer::{CrossAttnHook, CrossAttnLayer, Transformer2D, TransformerConfig};
+use super::transformer::{Transformer2D, TransformerConfig, UNetHook};
 use crate::engine::resnet::{ResnetBlock, ResnetConfig};
 use crate::engine::sampling::{Downsample, Upsample};
 
@@ -91,8 +91,8 @@ impl DownBlock {
         })
     }
 
-    pub fn cross_attn_layers(&self) -> impl Iterator<Item = &CrossAttnLayer> {
-        self.attentions.iter().flat_map(|a| a.cross_attn_layers())
+    pub fn transformers(&self) -> impl Iterator<Item = &Transformer2D> {
+        self.attentions.iter()
     }
 
     /// Output and the skip states it leaves for the up path.
@@ -101,7 +101,7 @@ impl DownBlock {
         x: &Tensor,
         temb: &Tensor,
         context: &Tensor,
-        hook: Option<&dyn CrossAttnHook>,
+        hook: Option<&dyn UNetHook>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = x.clone();
         let mut states = Vec::new();
@@ -144,8 +144,8 @@ impl MidBlock {
         })
     }
 
-    pub fn cross_attn_layers(&self) -> impl Iterator<Item = &CrossAttnLayer> {
-        self.layers.iter().flat_map(|(a, _)| a.cross_attn_layers())
+    pub fn transformers(&self) -> impl Iterator<Item = &Transformer2D> {
+        self.layers.iter().map(|(a, _)| a)
     }
 
     pub fn forward(
@@ -153,7 +153,7 @@ impl MidBlock {
         x: &Tensor,
         temb: &Tensor,
         context: &Tensor,
-        hook: Option<&dyn CrossAttnHook>,
+        hook: Option<&dyn UNetHook>,
     ) -> Result<Tensor> {
         let mut h = self.first.forward(x, Some(temb))?;
         for (attn, resnet) in &self.layers {
@@ -213,8 +213,8 @@ impl UpBlock {
         self.resnets.len()
     }
 
-    pub fn cross_attn_layers(&self) -> impl Iterator<Item = &CrossAttnLayer> {
-        self.attentions.iter().flat_map(|a| a.cross_attn_layers())
+    pub fn transformers(&self) -> impl Iterator<Item = &Transformer2D> {
+        self.attentions.iter()
     }
 
     /// `skips` are this block's skip states in the order they were produced; they are consumed
@@ -225,7 +225,7 @@ impl UpBlock {
         mut skips: Vec<Tensor>,
         temb: &Tensor,
         context: &Tensor,
-        hook: Option<&dyn CrossAttnHook>,
+        hook: Option<&dyn UNetHook>,
         upsample_size: Option<(usize, usize)>,
     ) -> Result<Tensor> {
         let mut h = x.clone();

@@ -10,7 +10,8 @@ use candle_nn::{Linear, VarBuilder};
 
 use blocks::{DownBlock, MidBlock, UpBlock};
 pub use config::UNetConfig;
-pub use transformer::{CrossAttnHook, CrossAttnLayer};
+use transformer::Transformer2D;
+pub use transformer::{AdaptableLayer, CrossAttnLayer, UNetHook};
 
 use super::conv::Conv2d;
 use super::nn::{GroupNorm, conv2d, group_norm, linear};
@@ -110,10 +111,24 @@ impl UNet {
 
     /// Every cross-attention layer, in module order (their `index` is their position here).
     pub fn cross_attn_layers(&self) -> Vec<&CrossAttnLayer> {
-        let down = self.down.iter().flat_map(|b| b.cross_attn_layers());
-        let mid = self.mid.iter().flat_map(|b| b.cross_attn_layers());
-        let up = self.up.iter().flat_map(|b| b.cross_attn_layers());
-        down.chain(mid).chain(up).collect()
+        self.transformers()
+            .flat_map(|t| t.cross_attn_layers())
+            .collect()
+    }
+
+    /// Every layer a [`UNetHook`] can add to, in module order.
+    pub fn adaptable_layers(&self) -> Vec<AdaptableLayer> {
+        self.transformers()
+            .flat_map(|t| t.adaptable_layers())
+            .collect()
+    }
+
+    /// The transformers of the down, mid and up blocks, in module order.
+    fn transformers(&self) -> impl Iterator<Item = &Transformer2D> {
+        let down = self.down.iter().flat_map(|b| b.transformers());
+        let mid = self.mid.iter().flat_map(|b| b.transformers());
+        let up = self.up.iter().flat_map(|b| b.transformers());
+        down.chain(mid).chain(up)
     }
 
     /// Noise (or v) prediction for `sample` [B, C, H, W] at `timesteps` [B] (any dtype), with
@@ -123,7 +138,7 @@ impl UNet {
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
-        hook: Option<&dyn CrossAttnHook>,
+        hook: Option<&dyn UNetHook>,
     ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let c0 = self.config.down[0].1.channels;

@@ -27,64 +27,160 @@ impl CrossAttnLayer {
     pub fn base_key_value(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((self.to_k.forward(context)?, self.to_v.forward(context)?))
     }
+
+    /// Keys and values for `context` with `hook`'s updates added: its update to this layer's
+    /// keys and values, and to the outputs of `to_k` and `to_v` as layers.
+    pub fn key_value(
+        &self,
+        context: &Tensor,
+        hook: Option<&dyn UNetHook>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (mut k, mut v) = self.base_key_value(context)?;
+        let Some(hook) = hook else {
+            return Ok((k, v));
+        };
+        if let Some((dk, dv)) = hook.key_value_update(self, context)? {
+            (k, v) = ((k + dk)?, (v + dv)?);
+        }
+        if let Some(dk) = hook.layer_update(&format!("{}.to_k", self.path), context)? {
+            k = (k + dk)?;
+        }
+        if let Some(dv) = hook.layer_update(&format!("{}.to_v", self.path), context)? {
+            v = (v + dv)?;
+        }
+        Ok((k, v))
+    }
 }
 
-/// Replaces how a cross-attention layer turns the text context into keys and values.
-///
-/// The returned tensors are [B, Lk, inner_dim]; `Lk` may differ from the context length, so an
-/// adapter can project token ranges separately and concatenate them.
-pub trait CrossAttnHook: Send + Sync {
-    fn key_value(&self, layer: &CrossAttnLayer, context: &Tensor) -> Result<(Tensor, Tensor)>;
+/// What an adapter adds to the UNet's attention: to the keys and values of every cross-attention
+/// layer, and to the output of any linear layer of the transformer blocks. Updates are added to
+/// the base model's results, so several hooks stack by adding theirs.
+pub trait UNetHook: Send + Sync {
+    /// The update to `layer`'s keys and values for `context` [B, L, D] (both [B, L, inner_dim]),
+    /// or `None` to keep the base ones.
+    fn key_value_update(
+        &self,
+        layer: &CrossAttnLayer,
+        context: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>>;
+
+    /// The update to the output of the layer at `path` (a diffusers module path such as
+    /// `mid_block.attentions.0.transformer_blocks.0.attn1.to_q`) for its input `x`, or `None`.
+    /// The layers are the transformers' linear layers ([B, L, in] in, [B, L, out] out) and their
+    /// `proj_in` / `proj_out`, which are 1×1 convolutions in SD 1.x ([B, C, H, W] in and out).
+    /// Cross-attention `to_k` / `to_v` are layers too, beside
+    /// [`key_value_update`](Self::key_value_update).
+    fn layer_update(&self, _path: &str, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// A layer a [`UNetHook`] can add to, as LoRA files name them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptableLayer {
+    /// diffusers module path, e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`.
+    pub path: String,
+    pub in_dim: usize,
+    pub out_dim: usize,
+    /// A 1×1 convolution (SD 1.x `proj_in` / `proj_out`) rather than a linear layer.
+    pub conv: bool,
+}
+
+impl AdaptableLayer {
+    /// `weight` is [out, in] for a linear layer, [out, in, 1, 1] for a 1×1 convolution.
+    fn of_weight(path: String, weight: &Tensor) -> Self {
+        let dims = weight.dims();
+        Self {
+            path,
+            in_dim: dims[1],
+            out_dim: dims[0],
+            conv: dims.len() == 4,
+        }
+    }
+}
+
+/// A layer that knows its module path, so a hook can add to its output.
+struct Hooked<M> {
+    layer: M,
+    path: String,
+}
+
+impl<M: Module> Hooked<M> {
+    fn forward(&self, x: &Tensor, hook: Option<&dyn UNetHook>) -> Result<Tensor> {
+        let base = self.layer.forward(x)?;
+        match hook
+            .map(|h| h.layer_update(&self.path, x))
+            .transpose()?
+            .flatten()
+        {
+            Some(update) => base + update,
+            None => Ok(base),
+        }
+    }
+}
+
+type HookedLinear = Hooked<Linear>;
+
+impl HookedLinear {
+    fn new(
+        vb: &VarBuilder,
+        path: &str,
+        name: &str,
+        dims: (usize, usize),
+        bias: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            layer: linear(vb.pp(name), dims.0, dims.1, bias)?,
+            path: format!("{path}.{name}"),
+        })
+    }
+
+    fn describe(&self) -> AdaptableLayer {
+        AdaptableLayer::of_weight(self.path.clone(), self.layer.weight())
+    }
 }
 
 struct SelfAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: HookedLinear,
+    to_k: HookedLinear,
+    to_v: HookedLinear,
+    to_out: HookedLinear,
     heads: usize,
 }
 
 impl SelfAttention {
-    fn new(vb: VarBuilder, dim: usize, heads: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, path: &str, dim: usize, heads: usize) -> Result<Self> {
+        let square = (dim, dim);
         Ok(Self {
-            to_q: linear(vb.pp("to_q"), dim, dim, false)?,
-            to_k: linear(vb.pp("to_k"), dim, dim, false)?,
-            to_v: linear(vb.pp("to_v"), dim, dim, false)?,
-            to_out: linear(vb.pp("to_out.0"), dim, dim, true)?,
+            to_q: HookedLinear::new(&vb, path, "to_q", square, false)?,
+            to_k: HookedLinear::new(&vb, path, "to_k", square, false)?,
+            to_v: HookedLinear::new(&vb, path, "to_v", square, false)?,
+            to_out: HookedLinear::new(&vb, path, "to_out.0", square, true)?,
             heads,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(x)?;
-        let v = self.to_v.forward(x)?;
+    fn forward(&self, x: &Tensor, hook: Option<&dyn UNetHook>) -> Result<Tensor> {
+        let q = self.to_q.forward(x, hook)?;
+        let k = self.to_k.forward(x, hook)?;
+        let v = self.to_v.forward(x, hook)?;
         self.to_out
-            .forward(&attention(&q, &k, &v, self.heads, None)?)
+            .forward(&attention(&q, &k, &v, self.heads, None)?, hook)
     }
 }
 
 struct CrossAttention {
-    to_q: Linear,
-    to_out: Linear,
+    to_q: HookedLinear,
+    to_out: HookedLinear,
     layer: CrossAttnLayer,
 }
 
 impl CrossAttention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        context: &Tensor,
-        hook: Option<&dyn CrossAttnHook>,
-    ) -> Result<Tensor> {
-        let q = self.to_q.forward(x)?;
-        let (k, v) = match hook {
-            Some(hook) => hook.key_value(&self.layer, context)?,
-            None => self.layer.base_key_value(context)?,
-        };
+    fn forward(&self, x: &Tensor, context: &Tensor, hook: Option<&dyn UNetHook>) -> Result<Tensor> {
+        let q = self.to_q.forward(x, hook)?;
+        let (k, v) = self.layer.key_value(context, hook)?;
         self.to_out
-            .forward(&attention(&q, &k, &v, self.layer.heads, None)?)
+            .forward(&attention(&q, &k, &v, self.layer.heads, None)?, hook)
     }
 }
 
@@ -94,24 +190,26 @@ struct TransformerBlock {
     norm2: LayerNorm,
     attn2: CrossAttention,
     norm3: LayerNorm,
-    ff_in: Linear,
-    ff_out: Linear,
+    ff_in: HookedLinear,
+    ff_out: HookedLinear,
 }
 
 impl TransformerBlock {
+    /// `path` is the block's diffusers module path; `index` numbers its cross-attention layer.
     fn new(
         vb: VarBuilder,
         dim: usize,
         heads: usize,
         context_dim: usize,
-        path: String,
+        path: &str,
         index: usize,
     ) -> Result<Self> {
         let ff_inner = 4 * dim;
         let a2 = vb.pp("attn2");
+        let attn2_path = format!("{path}.attn2");
         let layer = CrossAttnLayer {
             index,
-            path,
+            path: attn2_path.clone(),
             to_k: linear(a2.pp("to_k"), context_dim, dim, false)?,
             to_v: linear(a2.pp("to_v"), context_dim, dim, false)?,
             heads,
@@ -120,42 +218,37 @@ impl TransformerBlock {
         };
         Ok(Self {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
-            attn1: SelfAttention::new(vb.pp("attn1"), dim, heads)?,
+            attn1: SelfAttention::new(vb.pp("attn1"), &format!("{path}.attn1"), dim, heads)?,
             norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
             attn2: CrossAttention {
-                to_q: linear(a2.pp("to_q"), dim, dim, false)?,
-                to_out: linear(a2.pp("to_out.0"), dim, dim, true)?,
+                to_q: HookedLinear::new(&a2, &attn2_path, "to_q", (dim, dim), false)?,
+                to_out: HookedLinear::new(&a2, &attn2_path, "to_out.0", (dim, dim), true)?,
                 layer,
             },
             norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
-            ff_in: linear(vb.pp("ff.net.0.proj"), dim, 2 * ff_inner, true)?,
-            ff_out: linear(vb.pp("ff.net.2"), ff_inner, dim, true)?,
+            ff_in: HookedLinear::new(&vb, path, "ff.net.0.proj", (dim, 2 * ff_inner), true)?,
+            ff_out: HookedLinear::new(&vb, path, "ff.net.2", (ff_inner, dim), true)?,
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        context: &Tensor,
-        hook: Option<&dyn CrossAttnHook>,
-    ) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?)? + x)?;
+    fn forward(&self, x: &Tensor, context: &Tensor, hook: Option<&dyn UNetHook>) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, hook)? + x)?;
         let x = (self
             .attn2
             .forward(&self.norm2.forward(&x)?, context, hook)?
             + &x)?;
         // GEGLU feed-forward: value half times GELU(gate half).
-        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
+        let h = self.ff_in.forward(&self.norm3.forward(&x)?, hook)?;
         let half = h.dim(2)? / 2;
         let gated = (h.narrow(2, 0, half)? * h.narrow(2, half, half)?.gelu_erf()?)?;
-        self.ff_out.forward(&gated)? + x
+        self.ff_out.forward(&gated, hook)? + x
     }
 }
 
 /// `proj_in` / `proj_out`: 1×1 convolutions (SD 1.x) or linear layers (SD 2.x).
 enum Projection {
-    Conv(Conv2d),
-    Linear(Linear),
+    Conv(Hooked<Conv2d>),
+    Linear(HookedLinear),
 }
 
 pub struct TransformerConfig {
@@ -191,9 +284,12 @@ impl Transformer2D {
         }
         let projection = |name: &str| -> Result<Projection> {
             Ok(if cfg.linear_projection {
-                Projection::Linear(linear(vb.pp(name), c, c, true)?)
+                Projection::Linear(HookedLinear::new(&vb, path, name, (c, c), true)?)
             } else {
-                Projection::Conv(conv2d(vb.pp(name), c, c, 1, 1, 0)?)
+                Projection::Conv(Hooked {
+                    layer: conv2d(vb.pp(name), c, c, 1, 1, 0)?,
+                    path: format!("{path}.{name}"),
+                })
             })
         };
         let blocks = (0..cfg.layers)
@@ -206,7 +302,7 @@ impl Transformer2D {
                     c,
                     cfg.heads,
                     cfg.context_dim,
-                    format!("{block_path}.attn2"),
+                    &block_path,
                     index,
                 )
             })
@@ -223,26 +319,52 @@ impl Transformer2D {
         self.blocks.iter().map(|b| &b.attn2.layer)
     }
 
+    /// Every layer a hook can add to: the projections, and each block's attention and
+    /// feed-forward linears.
+    pub fn adaptable_layers(&self) -> Vec<AdaptableLayer> {
+        let projection = |p: &Projection| -> AdaptableLayer {
+            match p {
+                Projection::Linear(l) => l.describe(),
+                Projection::Conv(c) => AdaptableLayer::of_weight(c.path.clone(), c.layer.weight()),
+            }
+        };
+        let mut layers = vec![projection(&self.proj_in)];
+        for b in &self.blocks {
+            let a1 = &b.attn1;
+            let a2 = &b.attn2;
+            layers.extend(
+                [&a1.to_q, &a1.to_k, &a1.to_v, &a1.to_out, &a2.to_q].map(HookedLinear::describe),
+            );
+            for (name, linear) in [("to_k", &a2.layer.to_k), ("to_v", &a2.layer.to_v)] {
+                let path = format!("{}.{name}", a2.layer.path);
+                layers.push(AdaptableLayer::of_weight(path, linear.weight()));
+            }
+            layers.extend([&a2.to_out, &b.ff_in, &b.ff_out].map(HookedLinear::describe));
+        }
+        layers.push(projection(&self.proj_out));
+        layers
+    }
+
     pub fn forward(
         &self,
         x: &Tensor,
         context: &Tensor,
-        hook: Option<&dyn CrossAttnHook>,
+        hook: Option<&dyn UNetHook>,
     ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let normed = self.norm.forward(x)?;
         let to_tokens = |t: &Tensor| t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous();
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
-            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed, hook)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?, hook)?,
         };
         for block in &self.blocks {
             tokens = block.forward(&tokens, context, hook)?;
         }
         let to_image = |t: &Tensor| t.transpose(1, 2)?.reshape((b, c, h, w));
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?)?,
-            Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
+            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?, hook)?,
+            Projection::Linear(lin) => to_image(&lin.forward(&tokens, hook)?)?,
         };
         out + x
     }

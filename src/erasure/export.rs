@@ -1,0 +1,135 @@
+//! Exporting a run's adapter, and measuring what a LoRA export keeps of the erasure.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::Context;
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+
+use super::evaluate::{Report, target_concept_rate};
+use super::preset::{Preset, PromptKind};
+use super::session::spread;
+use super::setup::Scorers;
+use crate::adapter::ErasureAdapter;
+use crate::adapter::export::{LoraExport, LoraLayout};
+use crate::adapter::lora::LoraAdapter;
+use crate::engine::StableDiffusion;
+
+/// The file formats an adapter exports to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// This project's own file: the whole adapter, Safe Adapter included.
+    Native,
+    /// A kohya LoRA (A1111, ComfyUI, diffusers).
+    Kohya,
+    /// A PEFT LoRA as diffusers saves it.
+    Peft,
+}
+
+impl FromStr for ExportFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "native" => Ok(Self::Native),
+            "kohya" => Ok(Self::Kohya),
+            "peft" => Ok(Self::Peft),
+            _ => Err(format!("unknown format `{s}`: use native, kohya or peft")),
+        }
+    }
+}
+
+/// Writes `adapter` (trained on `sd`) to `out` in `format`; `fold_rank` folds a rank-k
+/// approximation of the Safe Adapter into a LoRA export.
+pub fn write(
+    adapter: &ErasureAdapter,
+    sd: &StableDiffusion,
+    format: ExportFormat,
+    fold_rank: Option<usize>,
+    title: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let layout = match format {
+        ExportFormat::Native => return adapter.save(out, &sd.unet),
+        ExportFormat::Kohya => LoraLayout::Kohya,
+        ExportFormat::Peft => LoraLayout::Peft,
+    };
+    if fold_rank == Some(0) {
+        anyhow::bail!("the Safe Adapter fold rank must be at least 1 (or leave it out)");
+    }
+    let export = LoraExport {
+        layout,
+        fold_rank,
+        title: title.to_string(),
+    };
+    adapter
+        .export_lora(sd, &export, out)
+        .with_context(|| format!("cannot write {}", out.display()))
+}
+
+/// How often the judge finds the concept on the held-out target prompts: originally, with the
+/// full adapter, and with an exported file, all at the same prompts and seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ExportComparison {
+    pub images: usize,
+    pub original: f64,
+    pub full: f64,
+    pub exported: f64,
+}
+
+impl ExportComparison {
+    pub fn summary(&self) -> String {
+        format!(
+            "concept found on {} held-out target images: {:.1} % originally, {:.1} % with the \
+             full adapter, {:.1} % with the exported file",
+            self.images,
+            100.0 * self.original,
+            100.0 * self.full,
+            100.0 * self.exported
+        )
+    }
+}
+
+/// Measures the exported LoRA at `exported` against the full `adapter`. The original and
+/// full-adapter rates come from `report` (the run's evaluation) when it was made with the
+/// preset's evaluation settings; otherwise they are measured too.
+pub fn compare(
+    sd: &StableDiffusion,
+    preset: &Preset,
+    adapter: &ErasureAdapter,
+    exported: &Path,
+    report: Option<&Report>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<ExportComparison> {
+    let judge = Scorers::new(sd.source.root(), &sd.device).judge(preset)?;
+    let lora = LoraAdapter::load(exported, &sd.unet, DType::F32, &sd.device)?;
+    let spec = &preset.evaluation;
+    let prompts = spread(&preset.split(PromptKind::Target)?.1, spec.max_prompts);
+    let images = prompts.len() * spec.seeds_per_prompt;
+    let reported = report
+        .filter(|r| r.seeds_per_prompt == spec.seeds_per_prompt && r.steps == spec.steps)
+        .and_then(|r| {
+            r.sets
+                .iter()
+                .find(|s| s.set == "target" && s.prompts == prompts)
+        });
+    let exported_rate =
+        target_concept_rate(sd, preset, judge.as_ref(), Some(&lora), &mut *progress)?;
+    let (original, full) = match reported {
+        Some(t) => (t.concept_rate_original, t.concept_rate_erased),
+        None => {
+            let detached = adapter.detached();
+            (
+                target_concept_rate(sd, preset, judge.as_ref(), None, &mut *progress)?,
+                target_concept_rate(sd, preset, judge.as_ref(), Some(&detached), progress)?,
+            )
+        }
+    };
+    Ok(ExportComparison {
+        images,
+        original,
+        full,
+        exported: exported_rate,
+    })
+}
