@@ -195,9 +195,12 @@ pub fn eval(args: EvalArgs, device: &candle_core::Device) -> anyhow::Result<()> 
     preset.validate()?;
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
-    let report = evaluate::evaluate_adapter(&preset, &adapter_path, &out, device, &mut |d, t| {
-        eprint!("\r{d}/{t} images")
-    })?;
+    // A run's own adapter file records its evaluation; a file given by path is left as it is.
+    let record = args.run.is_some();
+    let report =
+        evaluate::evaluate_adapter(&preset, &adapter_path, &out, record, device, &mut |d, t| {
+            eprint!("\r{d}/{t} images")
+        })?;
     eprintln!();
     print!("{}", report.summary());
     println!(
@@ -268,9 +271,7 @@ pub fn export(args: ExportArgs, device: &candle_core::Device) -> anyhow::Result<
          what the export keeps of the erasure on the held-out target prompts…",
         adapter.config().tail_tokens
     );
-    let report: Option<evaluate::Report> = std::fs::read(args.run.join(evaluate::REPORT_FILE))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let report = evaluate::read_report(&args.run);
     let comparison = export::compare(
         &sd,
         &preset,

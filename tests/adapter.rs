@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs, tiny_sd1};
+use erasure_studio::adapter::info::{AdapterInfo, fingerprint};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter, SafeDelta};
 use erasure_studio::engine::clip_text::ids_tensor;
 use erasure_studio::engine::model::{ModelSource, StableDiffusion};
@@ -37,6 +38,27 @@ fn randomize(adapter: &ErasureAdapter, part: &str, seed: u64) {
         let noise = (rng.tensor(var.dims(), &Device::Cpu).unwrap() * 0.1).unwrap();
         var.set(&noise).unwrap();
     }
+}
+
+fn tiny_sd2_unet() -> erasure_studio::engine::unet::UNet {
+    ModelSource::folder(&fixtures().join("tiny-sd2"))
+        .unwrap()
+        .unet(&Device::Cpu, DType::F32)
+        .unwrap()
+}
+
+/// A safetensors file's tensors and metadata.
+fn read_with_metadata(
+    path: &std::path::Path,
+) -> (
+    std::collections::HashMap<String, Tensor>,
+    std::collections::HashMap<String, String>,
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    (tensors, metadata)
 }
 
 fn configs() -> [AdapterConfig; 2] {
@@ -192,9 +214,28 @@ fn adapter_files_round_trip_and_refuse_other_models() {
     randomize(&adapter, "", 11);
     let dir = common::temp_dir("adapter-file");
     let path = dir.join("adapter.safetensors");
-    adapter.save(&path, &sd.unet).unwrap();
+    let info = AdapterInfo {
+        concept: Some("star".into()),
+        training: Some(serde_json::json!({ "epochs": 3 })),
+        ..AdapterInfo::default()
+    };
+    adapter.save(&path, &sd, &info).unwrap();
     let loaded = ErasureAdapter::load(&path, &sd.unet, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(loaded.config(), adapter.config());
+    // The file names its base model, with a fingerprint of the weights it adapts.
+    let base = loaded.info().base_model.clone().expect("a base model");
+    assert_eq!(
+        (base.family.as_str(), base.name.as_str()),
+        ("custom", "tiny-sd1")
+    );
+    assert_eq!(base.fingerprint, fingerprint(&sd.unet).unwrap());
+    assert_eq!(base.fingerprint.len(), 16);
+    assert_ne!(base.fingerprint, fingerprint(&tiny_sd2_unet()).unwrap());
+    assert_eq!(
+        (loaded.info().concept.as_deref(), &loaded.info().training),
+        (Some("star"), &info.training)
+    );
+    assert_eq!(&ErasureAdapter::read_info(&path).unwrap(), loaded.info());
     let (a, b) = (
         adapter.vars().data().lock().unwrap(),
         loaded.vars().data().lock().unwrap(),
@@ -210,18 +251,30 @@ fn adapter_files_round_trip_and_refuse_other_models() {
         .unwrap()
         .unet(&Device::Cpu, DType::F32)
         .unwrap();
-    let err = ErasureAdapter::load(&path, &demo, DType::F32, &Device::Cpu)
-        .err()
-        .unwrap();
-    assert!(format!("{err:#}").contains("made for a UNet"), "{err:#}");
+    let load_error = |file: &std::path::Path, unet| {
+        let err = ErasureAdapter::load(file, unet, DType::F32, &Device::Cpu).err();
+        format!("{:#}", err.expect("a refusal"))
+    };
+    let err = load_error(&path, &demo);
+    assert!(
+        err.contains("made for a UNet") && err.contains("belongs to tiny-sd1"),
+        "{err}"
+    );
+    // A file that says it belongs to another family is refused with that family named.
+    let other_family = dir.join("sd2.safetensors");
+    let (tensors, mut metadata) = read_with_metadata(&path);
+    let mut base: serde_json::Value = serde_json::from_str(&metadata["base_model"]).unwrap();
+    base["family"] = "sd2".into();
+    metadata.insert("base_model".into(), base.to_string());
+    safetensors::serialize_to_file(&tensors, Some(metadata), &other_family).unwrap();
+    let err = load_error(&other_family, &sd.unet);
+    assert!(
+        err.contains("trained on tiny-sd1 (a sd2 model)") && err.contains("custom"),
+        "{err}"
+    );
     // A safetensors file that is not an adapter.
     let weights = fixtures().join("tiny-sd1/unet/diffusion_pytorch_model.safetensors");
-    let err = ErasureAdapter::load(&weights, &sd.unet, DType::F32, &Device::Cpu)
-        .err()
-        .unwrap();
-    assert!(
-        format!("{err:#}").contains("not an Erasure Studio adapter"),
-        "{err:#}"
-    );
+    let err = load_error(&weights, &sd.unet);
+    assert!(err.contains("not an Erasure Studio adapter"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use erasure_studio::adapter::ErasureAdapter;
+use erasure_studio::adapter::info::AdapterInfo;
+use erasure_studio::adapter::lora::{LoraAdapter, LoraFormat};
 use erasure_studio::demo_world::judge::Judge as JudgeNet;
 use erasure_studio::engine::StableDiffusion;
 use erasure_studio::engine::pipeline::{Conditioning, GenerateRequest};
@@ -498,6 +500,15 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     ] {
         assert!(dir.samples().join(file).is_file(), "{file}");
     }
+    // The adapter file records what made it.
+    let info = ErasureAdapter::read_info(&dir.adapter()).unwrap();
+    assert_eq!(
+        (info.concept.as_deref(), info.preset.as_deref()),
+        (Some("star"), Some("demo-star"))
+    );
+    assert_eq!(info.base_model.unwrap().name, "demo-model");
+    assert!(info.method.unwrap().contains("DDPO"));
+    assert_eq!(info.training.unwrap()["epochs"], 3);
     assert!(
         session::start(
             micro_preset(3),
@@ -560,6 +571,7 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
         &preset,
         &dir.adapter(),
         &interrupted,
+        false,
         &device,
         &mut |_, _| {},
     )
@@ -596,9 +608,15 @@ fn an_untrained_adapter_evaluates_as_the_original_model() {
     let sd = setup::load_model("demo", &device).unwrap();
     let adapter = ErasureAdapter::new(&sd.unet, preset.adapter, 0, DType::F32, &device).unwrap();
     let path = root.join("fresh.safetensors");
-    adapter.save(&path, &sd.unet).unwrap();
+    adapter.save(&path, &sd, &AdapterInfo::default()).unwrap();
     let report =
-        evaluate::evaluate_adapter(&preset, &path, &root, &device, &mut |_, _| {}).unwrap();
+        evaluate::evaluate_adapter(&preset, &path, &root, true, &device, &mut |_, _| {}).unwrap();
+    // The file now records the concept rates it was evaluated at.
+    let recorded = ErasureAdapter::read_info(&path)
+        .unwrap()
+        .evaluation
+        .unwrap();
+    assert_eq!(recorded, report.rates());
     for set in &report.sets {
         assert_eq!(set.concept_rate_erased, set.concept_rate_original);
         assert_eq!(set.accuracy_erased, set.accuracy_original);
@@ -655,5 +673,25 @@ fn ctrl_c_stops_the_cli_with_a_checkpoint_and_resume_finishes() {
     assert!(stdout.contains("finished"), "{stdout}");
     assert_eq!(dir.read_metrics().unwrap().len(), 3);
     assert!(dir.adapter().is_file());
+
+    // The finished run exports as a PEFT LoRA, with what it keeps of the erasure measured on
+    // the micro preset's held-out target prompts.
+    let exported = root.join("peft.safetensors");
+    let output = common::run_cli(
+        Command::new(exe)
+            .args(["export", "--format", "peft", "--run"])
+            .arg(&run)
+            .arg("--out")
+            .arg(&exported),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("with the full adapter") && stdout.contains("with the exported file"),
+        "{stdout}"
+    );
+    let sd = setup::load_model("demo", &Device::Cpu).unwrap();
+    let lora = LoraAdapter::load(&exported, &sd.unet, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(lora.format(), LoraFormat::Peft);
+    assert_eq!(lora.layer_count(), 2 * sd.unet.cross_attn_layers().len());
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -9,6 +9,7 @@ use candle_core::Device;
 use eframe::egui;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
+use erasure_studio::erasure::export::ExportFormat;
 use erasure_studio::erasure::session::RunDir;
 use erasure_studio::studio::app::StudioApp;
 use erasure_studio::studio::forms::{Settings, Tab};
@@ -402,6 +403,26 @@ fn a_finished_run_is_evaluated_in_the_studio() {
     );
     h.get_by_label("target");
     h.get_by_label_contains("comparison grid");
+
+    // A kohya export is measured against the full adapter on the same prompts and seeds.
+    show_tab(&mut h, Tab::Adapters);
+    let exported = runs.join("kohya.safetensors");
+    h.state_mut().samples.export_path = exported.display().to_string();
+    h.state_mut().samples.export_format = ExportFormat::Kohya;
+    h.step();
+    h.get_by_label_contains("cannot hold the Safe Adapter");
+    click(&mut h, "Export");
+    let compared = |app: &StudioApp| {
+        app.state
+            .messages
+            .iter()
+            .any(|m| m.text.contains("with the exported file"))
+    };
+    step_until(&mut h, "the export and its comparison", |app| {
+        app.state.busy.is_none() && (compared(app) || !errors(app).is_empty())
+    });
+    assert!(errors(h.state()).is_empty(), "{:?}", errors(h.state()));
+    assert!(exported.is_file());
 }
 
 /// An in-memory stand-in for eframe's settings file.

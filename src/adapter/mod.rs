@@ -11,6 +11,7 @@
 
 pub mod export;
 mod file;
+pub mod info;
 pub mod lora;
 pub mod low_rank;
 pub mod stack;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::unet::{CrossAttnLayer, UNet, UNetHook};
 use crate::train::init::seeded_var_builder;
+use info::AdapterInfo;
 
 /// How the Safe Adapter's delta on the base key/value projections is parametrised.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -170,6 +172,8 @@ pub struct ErasureAdapter {
     layers: Vec<LayerAdapter>,
     /// Multiplies every update; 0 turns the adapter off.
     strength: f64,
+    /// What its file records (base model, concept, training…); empty for a fresh adapter.
+    info: AdapterInfo,
 }
 
 impl ErasureAdapter {
@@ -206,6 +210,7 @@ impl ErasureAdapter {
             vars,
             layers,
             strength: 1.0,
+            info: AdapterInfo::default(),
         })
     }
 
@@ -243,7 +248,13 @@ impl ErasureAdapter {
                 })
                 .collect(),
             strength: self.strength,
+            info: self.info.clone(),
         }
+    }
+
+    /// What the adapter's file recorded about it (empty for an adapter trained in memory).
+    pub fn info(&self) -> &AdapterInfo {
+        &self.info
     }
 }
 

@@ -6,11 +6,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::preset::{Preset, PromptKind};
 use super::session::{image_size, render, spread};
+use crate::adapter::ErasureAdapter;
+use crate::adapter::info::AdapterInfo;
 use crate::adapter::stack::{AdapterStack, LoadedAdapter};
 use crate::engine::StableDiffusion;
 use crate::engine::unet::UNetHook;
@@ -67,6 +69,28 @@ pub struct Report {
 }
 
 impl Report {
+    /// The concept rates per prompt set, as an adapter file records them.
+    pub fn rates(&self) -> serde_json::Value {
+        let sets: serde_json::Map<String, serde_json::Value> = self
+            .sets
+            .iter()
+            .map(|s| {
+                let rates = serde_json::json!({
+                    "images": s.images,
+                    "concept_rate_original": s.concept_rate_original,
+                    "concept_rate_erased": s.concept_rate_erased,
+                });
+                (s.set.clone(), rates)
+            })
+            .collect();
+        serde_json::json!({
+            "judge": self.judge,
+            "seeds_per_prompt": self.seeds_per_prompt,
+            "steps": self.steps,
+            "sets": sets,
+        })
+    }
+
     /// A few lines for the terminal.
     pub fn summary(&self) -> String {
         let mut out = format!(
@@ -335,16 +359,24 @@ fn pad_row(images: &Tensor, columns: usize) -> candle_core::Result<Tensor> {
     Tensor::cat(&[images, &pad], 0)
 }
 
+/// The report an evaluation wrote into `folder`, if there is a readable one.
+pub fn read_report(folder: &Path) -> Option<Report> {
+    let bytes = std::fs::read(folder.join(REPORT_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// File names an evaluation writes into its output folder.
 pub const REPORT_FILE: &str = "report.json";
 pub const GRID_FILE: &str = "comparison.png";
 
 /// Loads the model, judge and adapter (a native file or a LoRA) a preset names and evaluates
-/// the adapter, writing `report.json` and `comparison.png` into `out`.
+/// the adapter, writing `report.json` and `comparison.png` into `out`. With `record`, a native
+/// adapter file also gets the concept rates in its metadata (rewritten atomically).
 pub fn evaluate_adapter(
     preset: &Preset,
     adapter_path: &Path,
     out: &Path,
+    record: bool,
     device: &candle_core::Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<Report> {
@@ -352,7 +384,7 @@ pub fn evaluate_adapter(
     let mut scorers = super::setup::Scorers::new(sd.source.root(), device);
     let (reward, reward_detector) = scorers.reward(preset)?;
     let judge = scorers.judge(preset)?;
-    let adapter = LoadedAdapter::load(adapter_path, &sd.unet, candle_core::DType::F32, device)?;
+    let adapter = LoadedAdapter::load(adapter_path, &sd.unet, DType::F32, device)?;
     let stack = AdapterStack {
         adapters: vec![adapter],
     };
@@ -370,5 +402,13 @@ pub fn evaluate_adapter(
         &out.join(REPORT_FILE),
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
+    if record && ErasureAdapter::is_native_file(adapter_path)? {
+        let native = ErasureAdapter::load(adapter_path, &sd.unet, DType::F32, device)?;
+        let info = AdapterInfo {
+            evaluation: Some(report.rates()),
+            ..native.info().clone()
+        };
+        native.save(adapter_path, &sd, &info)?;
+    }
     Ok(report)
 }

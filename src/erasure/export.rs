@@ -51,7 +51,7 @@ pub fn write(
     out: &Path,
 ) -> anyhow::Result<()> {
     let layout = match format {
-        ExportFormat::Native => return adapter.save(out, &sd.unet),
+        ExportFormat::Native => return adapter.save(out, sd, adapter.info()),
         ExportFormat::Kohya => LoraLayout::Kohya,
         ExportFormat::Peft => LoraLayout::Peft,
     };

@@ -18,6 +18,7 @@ use super::preset::{Preset, PromptKind};
 use super::setup::{self, Scorers};
 use super::trainer::{EpochMetrics, ErasureTrainer, TrainingPrompts};
 use crate::adapter::ErasureAdapter;
+use crate::adapter::info::AdapterInfo;
 use crate::engine::StableDiffusion;
 use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
 use crate::engine::unet::UNetHook;
@@ -370,9 +371,58 @@ fn execute(
         }
     }
     trainer.ensure_finite()?;
-    trainer.adapter().save(&dir.adapter(), &sd.unet)?;
+    let info = AdapterInfo {
+        concept: Some(preset.concept.clone()),
+        preset: Some(preset.name.clone()),
+        method: Some(method(preset)),
+        training: Some(training_summary(&metrics, seconds())),
+        ..AdapterInfo::default()
+    };
+    trainer.adapter().save(&dir.adapter(), sd, &info)?;
     Ok(RunEnd::Finished {
         adapter: dir.adapter(),
         seconds: seconds(),
+    })
+}
+
+/// How a preset trains, in words, for the adapter file.
+fn method(preset: &Preset) -> String {
+    let (a, d, r) = (&preset.adapter, &preset.ddpo, &preset.reward);
+    let mut text = format!(
+        "Safe Adapter on the last {} context tokens and LoRA (rank {}, alpha {}) on every \
+         cross-attention to_k / to_v, trained by DDPO with PPO clipping (clip range {}) on the \
+         concept-erasing reward (alpha {}, beta {}, lambda_erase {}, lambda_align {})",
+        a.tail_tokens,
+        a.lora_rank,
+        a.lora_alpha,
+        d.clip_range,
+        r.alpha,
+        r.beta,
+        r.lambda_erase,
+        r.lambda_align
+    );
+    if d.anchor_weight > 0.0 {
+        text += &format!(
+            ", an anchor term (weight {}, negative guidance {})",
+            d.anchor_weight, d.anchor_guidance
+        );
+    }
+    if d.preservation_weight > 0.0 {
+        text += &format!(", a preservation term (weight {})", d.preservation_weight);
+    }
+    text
+}
+
+/// The run in a few figures, for the adapter file.
+fn training_summary(metrics: &[EpochMetrics], seconds: f64) -> serde_json::Value {
+    let first = metrics.first();
+    let last = metrics.last();
+    serde_json::json!({
+        "epochs": metrics.len(),
+        "seconds": seconds,
+        "p_concept_first_epoch": first.map(|m| m.p_concept.mean),
+        "p_concept_last_epoch": last.map(|m| m.p_concept.mean),
+        "reward_first_epoch": first.map(|m| m.reward_total.mean),
+        "reward_last_epoch": last.map(|m| m.reward_total.mean),
     })
 }

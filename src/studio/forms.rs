@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::worker::SampleSettings;
+use crate::erasure::export::ExportFormat;
 use crate::erasure::preset::{self, ConceptKind, Preset};
 
 /// The preset choice that opens the custom concept form.
@@ -211,6 +212,9 @@ pub struct SampleForm {
     pub strength: f64,
     pub adapter_path: String,
     pub export_path: String,
+    pub export_format: ExportFormat,
+    /// Rank of the Safe Adapter approximation folded into a LoRA export; 0 leaves it out.
+    pub fold_rank: usize,
     pub adapter_strength: f64,
     pub evaluate_run: String,
 }
@@ -228,6 +232,8 @@ impl Default for SampleForm {
             strength: 0.6,
             adapter_path: String::new(),
             export_path: "erasure-adapter.safetensors".into(),
+            export_format: ExportFormat::Native,
+            fold_rank: 0,
             adapter_strength: 1.0,
             evaluate_run: String::new(),
         }

@@ -182,8 +182,12 @@ impl StudioState {
                 }
                 self.adapter = description;
             }
-            Event::AdapterExported { path } => {
-                self.info(format!("adapter exported to {}", path.display()))
+            Event::AdapterExported { path, comparison } => {
+                self.evaluation_progress = None;
+                self.info(format!("adapter exported to {}", path.display()));
+                if let Some(c) = comparison {
+                    self.info(c.summary());
+                }
             }
             Event::Error(text) => {
                 self.messages.push(Message {

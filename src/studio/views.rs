@@ -9,6 +9,7 @@ use egui_plot::{FilledArea, Legend, Line, Plot, PlotPoints};
 use super::app::StudioApp;
 use super::state::{RunStatus, StudioState};
 use super::worker::{Command, Comparison};
+use crate::erasure::export::ExportFormat;
 use crate::erasure::trainer::{EpochMetrics, Spread};
 
 /// Side of a picture on screen.
@@ -363,11 +364,31 @@ pub fn adapters(ui: &mut egui::Ui, app: &mut StudioApp) {
             .add_enabled(can_export, egui::Button::new("Export"))
             .clicked()
         {
+            let rank = app.samples.fold_rank;
             app.worker.send(Command::ExportAdapter {
                 path: PathBuf::from(app.samples.export_path.trim()),
+                format: app.samples.export_format,
+                fold_rank: (rank > 0).then_some(rank),
             });
         }
     });
+    ui.horizontal(|ui| {
+        let format = &mut app.samples.export_format;
+        ui.radio_value(format, ExportFormat::Native, "Native (whole adapter)");
+        ui.radio_value(format, ExportFormat::Kohya, "kohya LoRA (A1111, ComfyUI)");
+        ui.radio_value(format, ExportFormat::Peft, "PEFT LoRA (diffusers)");
+    });
+    if app.samples.export_format != ExportFormat::Native {
+        ui.horizontal(|ui| {
+            ui.label("Fold in the Safe Adapter at rank (0: leave it out)");
+            ui.add(egui::DragValue::new(&mut app.samples.fold_rank).range(0..=256));
+        });
+        ui.small(
+            "A LoRA acts on every prompt token, so it cannot hold the Safe Adapter, which acts on \
+             the last few. After exporting, the studio measures how often the concept still \
+             appears with the exported file next to the full adapter (held-out target prompts).",
+        );
+    }
     ui.separator();
     ui.strong("Load an adapter file");
     ui.horizontal(|ui| {

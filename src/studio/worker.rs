@@ -20,7 +20,8 @@ use crate::engine::StableDiffusion;
 use crate::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
 use crate::engine::unet::UNetHook;
 use crate::erasure::evaluate::{self, Report};
-use crate::erasure::preset::Preset;
+use crate::erasure::export::{self, ExportComparison, ExportFormat};
+use crate::erasure::preset::{self, Preset};
 use crate::erasure::session::{self, Preview, RunDir, RunEnd, RunObserver, RunOptions};
 use crate::erasure::setup;
 use crate::erasure::trainer::EpochMetrics;
@@ -109,9 +110,12 @@ pub enum Command {
     LoadAdapter {
         path: PathBuf,
     },
-    /// Saves the current adapter to `path` (native format).
+    /// Saves the current adapter to `path` in `format`; a LoRA export is then measured against
+    /// the full adapter on the held-out target prompts of the adapter's preset.
     ExportAdapter {
         path: PathBuf,
+        format: ExportFormat,
+        fold_rank: Option<usize>,
     },
     SetStrength(f64),
 }
@@ -164,6 +168,9 @@ pub enum Event {
     AdapterChanged(Option<String>),
     AdapterExported {
         path: PathBuf,
+        /// What a LoRA export keeps of the erasure; `None` for a native file, or when no
+        /// preset is known to measure it on.
+        comparison: Option<ExportComparison>,
     },
     /// A job failed; the worker carries on.
     Error(String),
@@ -199,6 +206,7 @@ impl WorkerHandle {
             device,
             model: None,
             adapter: None,
+            adapter_run: None,
             events: EventSink {
                 tx: event_tx,
                 wake: Box::new(wake),
@@ -275,6 +283,8 @@ struct Worker {
     device: Device,
     model: Option<LoadedModel>,
     adapter: Option<ErasureAdapter>,
+    /// The folder of the run the current adapter comes from, if it does.
+    adapter_run: Option<PathBuf>,
     events: EventSink,
     interrupt: Arc<AtomicU8>,
     shutting_down: Arc<AtomicBool>,
@@ -326,17 +336,15 @@ impl Worker {
                 let adapter = ErasureAdapter::load(&path, &sd.unet, DType::F32, &sd.device)?;
                 let description = describe_adapter(&adapter, &path.display().to_string());
                 self.adapter = Some(adapter);
+                self.adapter_run = None;
                 self.events.send(Event::AdapterChanged(Some(description)));
                 Ok(())
             }
-            Command::ExportAdapter { path } => {
-                let Some(adapter) = &self.adapter else {
-                    bail!("there is no adapter to export yet: train one or load an adapter file")
-                };
-                adapter.save(&path, &self.model()?.sd.unet)?;
-                self.events.send(Event::AdapterExported { path });
-                Ok(())
-            }
+            Command::ExportAdapter {
+                path,
+                format,
+                fold_rank,
+            } => self.export(path, format, fold_rank),
             Command::SetStrength(strength) => {
                 if let Some(adapter) = &mut self.adapter {
                     adapter.set_strength(strength);
@@ -356,6 +364,7 @@ impl Worker {
         // Free the old model first: two real models may not fit in memory together.
         self.model = None;
         self.adapter = None;
+        self.adapter_run = None;
         let sd = setup::load_model(spec, &self.device)?;
         let description = describe_model(spec, &sd);
         self.model = Some(LoadedModel {
@@ -367,6 +376,47 @@ impl Worker {
             description,
         });
         self.events.send(Event::AdapterChanged(None));
+        Ok(())
+    }
+
+    fn export(
+        &self,
+        path: PathBuf,
+        format: ExportFormat,
+        fold_rank: Option<usize>,
+    ) -> anyhow::Result<()> {
+        let Some(adapter) = &self.adapter else {
+            bail!("there is no adapter to export yet: train one or load an adapter file")
+        };
+        let sd = &self.model()?.sd;
+        let title = adapter
+            .info()
+            .concept
+            .clone()
+            .unwrap_or_else(|| "erasure".into());
+        export::write(adapter, sd, format, fold_rank, &title, &path)?;
+        let comparison = if format == ExportFormat::Native {
+            None
+        } else {
+            // The preset and report of the adapter's run, else the preset its file names.
+            let run = self.adapter_run.as_deref();
+            let preset = match (run, &adapter.info().preset) {
+                (Some(run), _) => Some(RunDir::new(run).load_preset()?),
+                (None, Some(name)) => preset::find(name).ok(),
+                (None, None) => None,
+            };
+            let report = run.and_then(evaluate::read_report);
+            let events = &self.events;
+            preset
+                .map(|preset| {
+                    export::compare(sd, &preset, adapter, &path, report.as_ref(), &mut |d, t| {
+                        events.send(Event::EvaluationProgress { done: d, total: t })
+                    })
+                })
+                .transpose()?
+        };
+        self.events
+            .send(Event::AdapterExported { path, comparison });
         Ok(())
     }
 
@@ -418,6 +468,7 @@ impl Worker {
                     &adapter, &source,
                 ))));
             self.adapter = Some(adapter);
+            self.adapter_run = Some(run.to_path_buf());
         }
         match end? {
             RunEnd::Finished { adapter, seconds } => {
@@ -425,6 +476,7 @@ impl Worker {
                 let file = ErasureAdapter::load(&adapter, &sd.unet, DType::F32, &sd.device)?;
                 let description = describe_adapter(&file, &adapter.display().to_string());
                 self.adapter = Some(file);
+                self.adapter_run = Some(run.to_path_buf());
                 self.events.send(Event::AdapterChanged(Some(description)));
                 self.events.send(Event::RunFinished {
                     run: run.to_path_buf(),
@@ -492,10 +544,14 @@ impl Worker {
             );
         }
         let events = &self.events;
-        let report =
-            evaluate::evaluate_adapter(&preset, &dir.adapter(), run, &self.device, &mut |d, t| {
-                events.send(Event::EvaluationProgress { done: d, total: t })
-            })?;
+        let report = evaluate::evaluate_adapter(
+            &preset,
+            &dir.adapter(),
+            run,
+            true,
+            &self.device,
+            &mut |d, t| events.send(Event::EvaluationProgress { done: d, total: t }),
+        )?;
         let grid = image::open(run.join(evaluate::GRID_FILE))
             .context("reading the evaluation's comparison grid")?
             .to_rgb8();
@@ -558,7 +614,7 @@ fn describe(command: &Command) -> String {
         }
         Command::Evaluate { run } => format!("evaluating {}", run.display()),
         Command::LoadAdapter { path } => format!("loading adapter {}", path.display()),
-        Command::ExportAdapter { path } => format!("exporting to {}", path.display()),
+        Command::ExportAdapter { path, .. } => format!("exporting to {}", path.display()),
         Command::SetStrength(s) => format!("setting adapter strength {s:.2}"),
     }
 }
