@@ -229,6 +229,12 @@ pub struct ExportArgs {
     /// Skip measuring the exported LoRA's erasure rate next to the full adapter's.
     #[arg(long)]
     no_compare: bool,
+    /// Seeds per prompt for that measure instead of the preset's evaluation setting.
+    #[arg(long)]
+    seeds_per_prompt: Option<usize>,
+    /// At most this many held-out target prompts for that measure instead of the preset's.
+    #[arg(long)]
+    max_prompts: Option<usize>,
     /// Compute device: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -245,7 +251,14 @@ pub fn export(args: ExportArgs, device: &candle_core::Device) -> anyhow::Result<
             args.run.display()
         );
     }
-    let preset = dir.load_preset()?;
+    let mut preset = dir.load_preset()?;
+    if let Some(n) = args.seeds_per_prompt {
+        preset.evaluation.seeds_per_prompt = n;
+    }
+    if let Some(n) = args.max_prompts {
+        preset.evaluation.max_prompts = n;
+    }
+    preset.validate()?;
     let sd = setup::load_model(&preset.model, device)?;
     let adapter = ErasureAdapter::load(&adapter_path, &sd.unet, candle_core::DType::F32, device)?;
     if args.format == ExportFormat::Native && args.fold_rank.is_some() {
@@ -282,5 +295,11 @@ pub fn export(args: ExportArgs, device: &candle_core::Device) -> anyhow::Result<
     )?;
     eprintln!();
     println!("{}", comparison.summary());
+    if !comparison.keeps_most() && args.fold_rank.is_none() {
+        println!(
+            "the export keeps little of the erasure, which the Safe Adapter does most of: fold \
+             it in with --fold-rank (8 is a good start)"
+        );
+    }
     Ok(())
 }

@@ -79,6 +79,11 @@ pub struct ExportComparison {
 }
 
 impl ExportComparison {
+    /// Whether the export removes at least half of what the full adapter removes.
+    pub fn keeps_most(&self) -> bool {
+        self.original - self.exported >= 0.5 * (self.original - self.full)
+    }
+
     pub fn summary(&self) -> String {
         format!(
             "concept found on {} held-out target images: {:.1} % originally, {:.1} % with the \
@@ -132,4 +137,21 @@ pub fn compare(
         full,
         exported: exported_rate,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExportComparison;
+
+    #[test]
+    fn an_export_keeps_most_when_it_removes_half_of_what_the_full_adapter_removes() {
+        let rates = |exported| ExportComparison {
+            images: 32,
+            original: 0.7,
+            full: 0.1,
+            exported,
+        };
+        assert!(rates(0.1).keeps_most() && rates(0.39).keeps_most());
+        assert!(!rates(0.41).keeps_most() && !rates(0.72).keeps_most());
+    }
 }

@@ -187,6 +187,13 @@ impl StudioState {
                 self.info(format!("adapter exported to {}", path.display()));
                 if let Some(c) = comparison {
                     self.info(c.summary());
+                    if !c.keeps_most() {
+                        self.info(
+                            "the export keeps little of the erasure, which the Safe Adapter does \
+                             most of: fold it in at a higher rank (8 is a good start)"
+                                .into(),
+                        );
+                    }
                 }
             }
             Event::Error(text) => {
