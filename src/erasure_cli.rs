@@ -132,6 +132,28 @@ pub fn erase(args: EraseArgs, device: &candle_core::Device) -> anyhow::Result<()
     Ok(())
 }
 
+/// How many images an evaluation draws, when not the preset's.
+#[derive(clap::Args)]
+struct EvaluationSize {
+    /// Seeds per prompt instead of the preset's.
+    #[arg(long)]
+    seeds_per_prompt: Option<usize>,
+    /// At most this many prompts per set instead of the preset's.
+    #[arg(long)]
+    max_prompts: Option<usize>,
+}
+
+impl EvaluationSize {
+    fn apply(&self, preset: &mut preset::Preset) {
+        if let Some(n) = self.seeds_per_prompt {
+            preset.evaluation.seeds_per_prompt = n;
+        }
+        if let Some(n) = self.max_prompts {
+            preset.evaluation.max_prompts = n;
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// A run folder: evaluates its adapter with its preset, writing into the folder.
@@ -149,12 +171,8 @@ pub struct EvalArgs {
     /// Folder for report.json and comparison.png (default: the run folder).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Seeds per prompt instead of the preset's.
-    #[arg(long)]
-    seeds_per_prompt: Option<usize>,
-    /// At most this many prompts per set instead of the preset's.
-    #[arg(long)]
-    max_prompts: Option<usize>,
+    #[command(flatten)]
+    evaluation: EvaluationSize,
     /// Compute device: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -186,12 +204,7 @@ pub fn eval(args: EvalArgs, device: &candle_core::Device) -> anyhow::Result<()> 
     if let Some(model) = &args.model {
         preset.model = model.clone();
     }
-    if let Some(n) = args.seeds_per_prompt {
-        preset.evaluation.seeds_per_prompt = n;
-    }
-    if let Some(n) = args.max_prompts {
-        preset.evaluation.max_prompts = n;
-    }
+    args.evaluation.apply(&mut preset);
     preset.validate()?;
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
@@ -229,12 +242,8 @@ pub struct ExportArgs {
     /// Skip measuring the exported LoRA's erasure rate next to the full adapter's.
     #[arg(long)]
     no_compare: bool,
-    /// Seeds per prompt for that measure instead of the preset's evaluation setting.
-    #[arg(long)]
-    seeds_per_prompt: Option<usize>,
-    /// At most this many held-out target prompts for that measure instead of the preset's.
-    #[arg(long)]
-    max_prompts: Option<usize>,
+    #[command(flatten)]
+    evaluation: EvaluationSize,
     /// Compute device: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -252,12 +261,7 @@ pub fn export(args: ExportArgs, device: &candle_core::Device) -> anyhow::Result<
         );
     }
     let mut preset = dir.load_preset()?;
-    if let Some(n) = args.seeds_per_prompt {
-        preset.evaluation.seeds_per_prompt = n;
-    }
-    if let Some(n) = args.max_prompts {
-        preset.evaluation.max_prompts = n;
-    }
+    args.evaluation.apply(&mut preset);
     preset.validate()?;
     let sd = setup::load_model(&preset.model, device)?;
     let adapter = ErasureAdapter::load(&adapter_path, &sd.unet, candle_core::DType::F32, device)?;

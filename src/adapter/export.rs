@@ -153,13 +153,7 @@ impl ErasureAdapter {
                 peft_metadata(rank, alpha, modules)?
             }
         };
-        crate::fs::atomically(path, |tmp| {
-            Ok(safetensors::serialize_to_file(
-                &tensors,
-                Some(metadata),
-                tmp,
-            )?)
-        })
+        super::io::write(path, &tensors, metadata)
     }
 }
 

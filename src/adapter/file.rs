@@ -160,22 +160,12 @@ impl ErasureAdapter {
             ),
         ]);
         metadata.extend(info_entries(&info)?);
-        crate::fs::atomically(path, |tmp| {
-            Ok(safetensors::serialize_to_file(
-                &tensors,
-                Some(metadata),
-                tmp,
-            )?)
-        })
+        super::io::write(path, &tensors, metadata)
     }
 
     /// Reads an adapter written by [`save`](Self::save) for `unet`.
     pub fn load(path: &Path, unet: &UNet, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read adapter file {}", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e:?})", path.display()))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
+        let (bytes, metadata) = super::io::read(path, "adapter file")?;
         if !metadata
             .get(FORMAT_KEY)
             .is_some_and(|f| FORMATS_READ.contains(&f.as_str()))

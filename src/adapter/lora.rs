@@ -82,11 +82,7 @@ struct Parts {
 impl LoraAdapter {
     /// Reads a kohya or PEFT LoRA file for `unet`; tensors go to `device` in `dtype`.
     pub fn load(path: &Path, unet: &UNet, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read LoRA file {}", path.display()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e:?})", path.display()))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
+        let (bytes, metadata) = super::io::read(path, "LoRA file")?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
         Self::from_tensors(tensors, &metadata, unet, dtype)
             .with_context(|| format!("LoRA file {}", path.display()))

@@ -12,6 +12,7 @@
 pub mod export;
 mod file;
 pub mod info;
+mod io;
 pub mod lora;
 pub mod low_rank;
 pub mod stack;
