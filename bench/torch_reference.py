@@ -6,8 +6,10 @@ run in float32, eval mode, with ``torch.set_num_threads(os.cpu_count())``.
 Cases:
   unet_fwd_32_b2     UNet forward, latent 32x32, batch 2 (77x768 context)
   unet_fwd_64_b2     UNet forward, latent 64x64, batch 2
-  unet_fwdbwd_32_b1  UNet forward + backward of out.pow(2).mean() w.r.t. all parameters and
-                     the input sample, latent 32x32, batch 1
+  unet_train_frozen_32_b1
+                     UNet forward + backward of out.pow(2).mean(), latent 32x32, batch 1, the
+                     base frozen and gradients only for a rank-4 LoRA (peft) on every attn2
+                     to_k / to_v: the erasure trainer's step
   vae_decode_32_b1   VAE decode of a 32x32 latent (-> 256x256 image)
   vae_decode_64_b1   VAE decode of a 64x64 latent (-> 512x512 image)
   text_encoder_b2    CLIP ViT-L/14 text encoder, batch 2, 77 tokens
@@ -16,8 +18,8 @@ Usage:
   /work/venv/bin/python bench/torch_reference.py [--json] [--repeats N] [--only NAME[,NAME]]
 
 Each case runs once as warm-up, then ``--repeats`` timed runs (default 3); the median is
-reported.  ``peak_rss_mib`` is the process' peak resident set size so far (getrusage), so it
-is monotone over the cases run in one invocation: run one case per process for a clean number.
+reported.  ``peak_rss_mib`` is the peak resident set size (getrusage) of a process that ran that
+case alone: with several cases, each runs in a child process, as ``erasure-studio bench`` does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -35,7 +38,7 @@ import torch
 CASES = [
     "unet_fwd_32_b2",
     "unet_fwd_64_b2",
-    "unet_fwdbwd_32_b1",
+    "unet_train_frozen_32_b1",
     "vae_decode_32_b1",
     "vae_decode_64_b1",
     "text_encoder_b2",
@@ -118,12 +121,18 @@ def make_case(name: str):
         sample = torch.randn((batch, 4, side, side), generator=gen)
         t = torch.tensor([500] * batch, dtype=torch.int64)
         ctx = torch.randn((batch, 77, 768), generator=gen)
-        if "fwdbwd" in name:
-            sample.requires_grad_(True)
+        if name.startswith("unet_train_frozen"):
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            targets = [n for n, _ in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+            unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=True, target_modules=targets))
+            trainable = [p for p in unet.parameters() if p.requires_grad]
+            assert trainable, "the LoRA should be the only trainable parameters"
 
             def run():
-                unet.zero_grad(set_to_none=True)
-                sample.grad = None
+                for p in trainable:
+                    p.grad = None
                 out = unet(sample, t, encoder_hidden_states=ctx).sample
                 loss = out.pow(2).mean()
                 loss.backward()
@@ -177,26 +186,38 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
 
-    rows = []
     if not args.json:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, repeats={args.repeats}")
-        print(f"{'case':20} {'median_s':>10} {'min_s':>10} {'peak_rss_mib':>13}")
+        print(f"{'case':24} {'median_s':>10} {'min_s':>10} {'peak_rss_mib':>13}")
     for name in names:
-        run = make_case(name)
-        run()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        row = {"name": name, "median_s": statistics.median(times), "peak_rss_mib": round(peak_rss_mib(), 1)}
-        rows.append(row)
+        row = run_case(name, args.repeats) if len(names) == 1 else run_case_in_child(name, args.repeats)
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"{name:20} {row['median_s']:10.3f} {min(times):10.3f} {row['peak_rss_mib']:13.1f}", flush=True)
-        del run
+            print(f"{name:24} {row['median_s']:10.3f} {row['min_s']:10.3f} {row['peak_rss_mib']:13.1f}", flush=True)
 
+
+def run_case(name: str, repeats: int) -> dict:
+    run = make_case(name)
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return {
+        "name": name,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+
+
+def run_case_in_child(name: str, repeats: int) -> dict:
+    """One case in a fresh process, so its peak RSS is its own (as the engine's bench does)."""
+    cmd = [sys.executable, __file__, "--json", "--only", name, "--repeats", str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 if __name__ == "__main__":
     main()

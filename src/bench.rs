@@ -8,8 +8,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder, VarMap};
+use candle_nn::{Init, VarBuilder};
 
+use crate::adapter::{AdapterConfig, ErasureAdapter};
 use crate::demo_world::architecture;
 use crate::engine::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::engine::model::{ModelSource, StableDiffusion};
@@ -17,18 +18,21 @@ use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
 use crate::engine::unet::config::UNetConfigFile;
 use crate::engine::unet::{UNet, UNetConfig};
 use crate::engine::vae::{AutoencoderKl, VaeConfig};
+use crate::erasure::setup::Scorers;
+use crate::erasure::{preset, session};
 
 /// Every case, in the order they run.
 pub const CASES: &[&str] = &[
     "text_encoder_b2",
     "unet_fwd_32_b2",
     "unet_fwd_64_b2",
-    "unet_fwdbwd_32_b1",
+    "unet_train_frozen_32_b1",
     "vae_decode_32_b1",
     "vae_decode_64_b1",
     "demo_unet_fwd_b8",
     "demo_vae_decode_b4",
     "demo_txt2img_b4",
+    "ddpo_epoch_demo",
 ];
 
 const SD15_UNET: &str = r#"{"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
@@ -67,24 +71,19 @@ impl SimpleBackend for RandomWeights {
 
 /// Runs one case `repeats` times after a warm-up; the median wall time.
 pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<BenchResult> {
-    // Trainable variables only where the case back-propagates into the weights.
-    let vars = VarMap::new();
-    let vb = if name.contains("bwd") {
-        VarBuilder::from_varmap(&vars, DType::F32, device)
-    } else {
-        VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone())
-    };
-    let mut job: Box<dyn FnMut() -> anyhow::Result<()>> = match name {
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
+    let time = |job: &mut dyn FnMut() -> anyhow::Result<()>| measure(name, repeats, device, job);
+    match name {
         "text_encoder_b2" => {
             let cfg: ClipTextConfig = serde_json::from_str(VIT_L_TEXT)?;
             let model = ClipTextModel::new(vb, &cfg)?;
             let ids = Tensor::zeros((2, 77), DType::U32, device)?;
-            Box::new(move || {
+            time(&mut || {
                 model.forward(&ids)?;
                 Ok(())
             })
         }
-        "unet_fwd_32_b2" | "unet_fwd_64_b2" | "unet_fwdbwd_32_b1" => {
+        "unet_fwd_32_b2" | "unet_fwd_64_b2" | "unet_train_frozen_32_b1" => {
             let file: UNetConfigFile = serde_json::from_str(SD15_UNET)?;
             let unet = UNet::new(vb, &UNetConfig::from_file(&file)?)?;
             let (side, batch) = match name {
@@ -92,30 +91,32 @@ pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<B
                 "unet_fwd_64_b2" => (64, 2),
                 _ => (32, 1),
             };
-            let backward = name.contains("bwd");
             let sample = Tensor::randn(0f32, 1.0, (batch, 4, side, side), device)?;
-            // The backward case also wants the input's gradient, as the PyTorch reference does.
-            let sample = if backward {
-                candle_core::Var::from_tensor(&sample)?.as_tensor().clone()
-            } else {
-                sample
-            };
             let context = Tensor::randn(0f32, 1.0, (batch, 77, 768), device)?;
             let t = Tensor::full(500u32, batch, device)?;
-            Box::new(move || {
-                let out = unet.forward(&sample, &t, &context, None)?;
-                if backward {
+            if name.starts_with("unet_train") {
+                // The trainer's step: the base frozen, gradients only for an erasure adapter on
+                // every cross-attention layer.
+                let adapter =
+                    ErasureAdapter::new(&unet, AdapterConfig::default(), 0, DType::F32, device)?;
+                time(&mut || {
+                    let out = unet.forward(&sample, &t, &context, Some(&adapter))?;
                     out.sqr()?.mean_all()?.backward()?;
-                }
-                Ok(())
-            })
+                    Ok(())
+                })
+            } else {
+                time(&mut || {
+                    unet.forward(&sample, &t, &context, None)?;
+                    Ok(())
+                })
+            }
         }
         "vae_decode_32_b1" | "vae_decode_64_b1" => {
             let cfg: VaeConfig = serde_json::from_str(SD15_VAE)?;
             let vae = AutoencoderKl::new(vb, &cfg)?;
             let side = if name.ends_with("32_b1") { 32 } else { 64 };
             let latents = Tensor::randn(0f32, 1.0, (1, 4, side, side), device)?;
-            Box::new(move || {
+            time(&mut || {
                 vae.decode(&latents)?;
                 Ok(())
             })
@@ -132,7 +133,7 @@ pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<B
                 device,
             )?;
             let t = Tensor::full(500u32, 8, device)?;
-            Box::new(move || {
+            time(&mut || {
                 unet.forward(&sample, &t, &context, None)?;
                 Ok(())
             })
@@ -141,15 +142,14 @@ pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<B
             let vae = AutoencoderKl::new(vb, &architecture::parsed_vae(1.0)?)?;
             let side = architecture::LATENT_SIZE;
             let latents = Tensor::randn(0f32, 1.0, (4, 4, side, side), device)?;
-            Box::new(move || {
+            time(&mut || {
                 vae.decode(&latents)?;
                 Ok(())
             })
         }
         // What a studio user waits for: four demo images, 25 guided steps, decoded.
         "demo_txt2img_b4" => {
-            let source = ModelSource::folder(&crate::demo_world::demo_model_dir()?)?;
-            let sd = StableDiffusion::load(&source, device, DType::F32)?;
+            let sd = demo_model(device)?;
             let req = GenerateRequest {
                 prompts: vec!["a red striped star on a black background".into(); 4],
                 negative_prompt: String::new(),
@@ -160,13 +160,41 @@ pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<B
                 height: 64,
                 eta: 0.0,
             };
-            Box::new(move || {
+            time(&mut || {
                 txt2img(&sd, &req, SampleHooks::default())?;
                 Ok(())
             })
         }
+        // One epoch of the demo-star erasure (sampling, scoring, PPO updates) with the preset's
+        // settings; each timed run is the next epoch of one run.
+        "ddpo_epoch_demo" => {
+            let sd = demo_model(device)?;
+            let preset = preset::find("demo-star")?;
+            let (reward, _) = Scorers::new(sd.source.root(), device).reward(&preset)?;
+            let mut trainer = session::new_trainer(&preset, &sd, &reward)?;
+            time(&mut || {
+                trainer
+                    .run_epoch(&|| false)?
+                    .context("the epoch stopped without being asked to")?;
+                Ok(())
+            })
+        }
         other => bail!("unknown bench case `{other}` (cases: {})", CASES.join(", ")),
-    };
+    }
+}
+
+fn demo_model(device: &Device) -> anyhow::Result<StableDiffusion> {
+    let source = ModelSource::folder(&crate::demo_world::demo_model_dir()?)?;
+    Ok(StableDiffusion::load(&source, device, DType::F32)?)
+}
+
+/// Runs `job` once to warm up, then `repeats` timed times; the median wall time.
+fn measure(
+    name: &str,
+    repeats: usize,
+    device: &Device,
+    job: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<BenchResult> {
     job().with_context(|| format!("warm-up of {name}"))?;
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {

@@ -24,6 +24,7 @@ use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
 use crate::engine::unet::UNetHook;
 use crate::fs::write_atomic;
 use crate::images;
+use crate::reward::cer::ErasureReward;
 use crate::train::run::{SECONDS_KEY, seconds_in};
 
 /// Seed of the preview grids' first column; far from training (< 2^32) and evaluation seeds.
@@ -240,6 +241,28 @@ pub fn spread(items: &[String], n: usize) -> Vec<String> {
     picked.into_iter().map(|i| items[i].clone()).collect()
 }
 
+/// A fresh trainer for `preset` on `sd`, scored by `reward` (the preset's own).
+pub fn new_trainer<'a>(
+    preset: &Preset,
+    sd: &'a StableDiffusion,
+    reward: &'a ErasureReward,
+) -> anyhow::Result<ErasureTrainer<'a>> {
+    let prompts = TrainingPrompts {
+        target: preset.split(PromptKind::Target)?.0,
+        preservation: preset.preservation_prompts()?,
+        anchor_substitutes: preset.prompts.anchor_substitutes.clone(),
+    };
+    ErasureTrainer::new(
+        sd,
+        reward,
+        prompts,
+        preset.sampling.clone(),
+        image_size(preset, sd)?,
+        preset.adapter,
+        preset.ddpo.clone(),
+    )
+}
+
 /// The image side a preset samples at on `sd`.
 pub fn image_size(preset: &Preset, sd: &StableDiffusion) -> anyhow::Result<usize> {
     match (preset.sampling.size, sd.native_size()) {
@@ -286,20 +309,7 @@ fn execute(
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
     let (reward, _) = Scorers::new(sd.source.root(), &sd.device).reward(preset)?;
-    let prompts = TrainingPrompts {
-        target: preset.split(PromptKind::Target)?.0,
-        preservation: preset.preservation_prompts()?,
-        anchor_substitutes: preset.prompts.anchor_substitutes.clone(),
-    };
-    let mut trainer = ErasureTrainer::new(
-        sd,
-        &reward,
-        prompts,
-        preset.sampling.clone(),
-        image_size(preset, sd)?,
-        preset.adapter,
-        preset.ddpo.clone(),
-    )?;
+    let mut trainer = new_trainer(preset, sd, &reward)?;
     let mut earlier_seconds = 0.0;
     if dir.checkpoint().exists() {
         earlier_seconds = seconds_in(&trainer.load_checkpoint(&dir.checkpoint())?);
