@@ -185,7 +185,7 @@ pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<B
 
 fn demo_model(device: &Device) -> anyhow::Result<StableDiffusion> {
     let source = ModelSource::folder(&crate::demo_world::demo_model_dir()?)?;
-    Ok(StableDiffusion::load(&source, device, DType::F32)?)
+    StableDiffusion::load(&source, device, DType::F32)
 }
 
 /// Runs `job` once to warm up, then `repeats` timed times; the median wall time.
