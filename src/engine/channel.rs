@@ -142,13 +142,17 @@ impl CustomOp2 for AddBias {
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        _bias: &Tensor,
+        x: &Tensor,
+        bias: &Tensor,
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let bias_grad = channel_sums(grad, self.axis)?;
-        Ok((Some(grad.clone()), Some(bias_grad)))
+        // A frozen bias (the base model under an adapter) needs no gradient.
+        let bias_grad = bias
+            .track_op()
+            .then(|| channel_sums(grad, self.axis))
+            .transpose()?;
+        Ok((x.track_op().then(|| grad.clone()), bias_grad))
     }
 }
 
@@ -183,16 +187,28 @@ impl CustomOp3 for ScaleShift {
         &self,
         x: &Tensor,
         scale: &Tensor,
-        _shift: &Tensor,
+        shift: &Tensor,
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Frozen affine weights (the base model under an adapter) need no gradient.
         let grad = grad.contiguous()?;
-        let no_shift = scale.zeros_like()?;
-        let x_grad = grad.apply_op3_no_bwd(scale, &no_shift, &ScaleShift { axis: self.axis })?;
-        let scale_grad = channel_sums(&(&grad * x)?, self.axis)?;
-        let shift_grad = channel_sums(&grad, self.axis)?;
-        Ok((Some(x_grad), Some(scale_grad), Some(shift_grad)))
+        let x_grad = x
+            .track_op()
+            .then(|| {
+                let no_shift = scale.zeros_like()?;
+                grad.apply_op3_no_bwd(scale, &no_shift, &ScaleShift { axis: self.axis })
+            })
+            .transpose()?;
+        let scale_grad = scale
+            .track_op()
+            .then(|| channel_sums(&(&grad * x)?, self.axis))
+            .transpose()?;
+        let shift_grad = shift
+            .track_op()
+            .then(|| channel_sums(&grad, self.axis))
+            .transpose()?;
+        Ok((x_grad, scale_grad, shift_grad))
     }
 }
 

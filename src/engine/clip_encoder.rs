@@ -1,7 +1,9 @@
 //! The transformer encoder CLIP's text and vision towers share (transformers' `CLIPEncoder`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 use serde::Deserialize;
 
 use super::nn::{LayerNorm, attention, linear};

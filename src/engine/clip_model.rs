@@ -6,7 +6,9 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 use serde::Deserialize;
 
 use super::clip_text::{ClipTextConfig, ClipTextModel};

@@ -14,7 +14,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::channel::add_bias;
-use super::cpu_kernels::{contiguous, with_floats};
+use super::cpu_kernels::{contiguous, matmul, with_floats};
 
 /// A convolution layer (dilation 1, one group), weights `[out, in, kh, kw]`, optional bias.
 #[derive(Debug, Clone)]
@@ -244,48 +244,6 @@ impl Geometry {
     }
 }
 
-/// A row-major matrix view for [`matmul`]: pointer, row stride, column stride.
-type MatRef<T> = (*const T, usize, usize);
-
-/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`; `dst` is row-major and contiguous.
-///
-/// # Safety
-/// The pointers must cover the matrices their strides describe.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    accumulate: bool,
-    lhs: MatRef<T>,
-    rhs: MatRef<T>,
-    parallelism: Parallelism,
-) {
-    let one = T::from_f64(1.0);
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            n as isize,
-            accumulate,
-            lhs.0,
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0,
-            rhs.2 as isize,
-            rhs.1 as isize,
-            one,
-            one,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 /// How to spread a per-image loop over the thread pool: across images when there are enough,
 /// otherwise inside each GEMM.
 fn gemm_parallelism(batch: usize) -> Option<Parallelism> {
@@ -357,16 +315,24 @@ impl CustomOp2 for Im2ColConv {
         _output: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Only what the graph needs: a frozen kernel (the base model under an adapter) or an
+        // input that is no function of a variable (the first layer) gets no gradient.
         let grad = grad.contiguous()?;
-        let input_grad = grad.apply_op2_no_bwd(kernel, &InputGrad { conv: self })?;
-        let kernel_grad = input.apply_op2_no_bwd(
-            &grad,
-            &KernelGrad {
-                conv: self,
-                kernel_hw: (kernel.dim(2)?, kernel.dim(3)?),
-            },
-        )?;
-        Ok((Some(input_grad), Some(kernel_grad)))
+        let input_grad = input
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(kernel, &InputGrad { conv: self }))
+            .transpose()?;
+        let kernel_grad = kernel
+            .track_op()
+            .then(|| {
+                let op = KernelGrad {
+                    conv: self,
+                    kernel_hw: (kernel.dim(2)?, kernel.dim(3)?),
+                };
+                input.apply_op2_no_bwd(&grad, &op)
+            })
+            .transpose()?;
+        Ok((input_grad, kernel_grad))
     }
 }
 

@@ -1,6 +1,7 @@
-//! Helpers shared by the engine's own CPU kernels (`conv`, `channel`).
+//! Helpers shared by the engine's own CPU kernels (`conv`, `channel`, `linear`).
 
 use candle_core::{Layout, Result, WithDType, bail};
+use gemm::Parallelism;
 
 /// The slice a contiguous layout covers; the kernels are only handed contiguous tensors.
 pub fn contiguous<'a, T: WithDType>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
@@ -22,3 +23,45 @@ macro_rules! with_floats {
     };
 }
 pub(crate) use with_floats;
+
+/// A row-major matrix view for [`matmul`]: pointer, row stride, column stride.
+pub type MatRef<T> = (*const T, usize, usize);
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`; `dst` is row-major and contiguous.
+///
+/// # Safety
+/// The pointers must cover the matrices their strides describe.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    accumulate: bool,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    parallelism: Parallelism,
+) {
+    let one = T::from_f64(1.0);
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            accumulate,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            one,
+            one,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}

@@ -2,7 +2,8 @@
 //!
 //! Every op on a gradient path has a backward in candle (see `nn` for the replacements of
 //! candle's fused ops that silently drop gradients, and `conv` and `channel`
-//! for ops whose candle backward is too slow to train with).
+//! for ops whose candle backward is too slow to train with; `linear` for frozen layers whose
+//! weights need no gradient).
 
 pub mod channel;
 pub mod clip_encoder;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod conv;
 mod cpu_kernels;
 pub mod ddim;
+pub mod linear;
 pub mod model;
 pub mod nn;
 pub mod noise;

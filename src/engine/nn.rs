@@ -6,10 +6,11 @@
 //! Norm affines go through `channel::scale_shift`, whose backward is fast.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::channel::scale_shift;
 use super::conv::Conv2d;
+use super::linear::Linear;
 
 /// Layer norm over the last dimension, built from differentiable ops.
 #[derive(Debug, Clone)]
@@ -82,7 +83,7 @@ pub fn compute_dtype(dtype: DType) -> DType {
 }
 
 pub fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-    candle_nn::linear_b(in_dim, out_dim, bias, vb)
+    Linear::load(vb, in_dim, out_dim, bias)
 }
 
 pub fn conv2d(

@@ -1,7 +1,9 @@
 //! diffusers' `ResnetBlock2D`, with or without a time embedding (UNet and VAE share it).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::linear::Linear;
 
 use super::conv::Conv2d;
 use super::nn::{GroupNorm, conv2d, group_norm, linear};

@@ -6,7 +6,9 @@ pub mod config;
 pub mod transformer;
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::engine::linear::Linear;
 
 use blocks::{DownBlock, MidBlock, UpBlock};
 pub use config::UNetConfig;

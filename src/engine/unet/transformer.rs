@@ -1,7 +1,9 @@
 //! diffusers' `Transformer2DModel` and `BasicTransformerBlock`, with the cross-attention hook.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::engine::linear::Linear;
 
 use crate::engine::conv::Conv2d;
 use crate::engine::nn::{GroupNorm, LayerNorm, attention, conv2d, group_norm, linear};
