@@ -6,7 +6,8 @@ use candle_nn::VarBuilder;
 use super::linear::Linear;
 use serde::Deserialize;
 
-use super::nn::{LayerNorm, attention, linear};
+use super::attention::attention;
+use super::nn::{LayerNorm, linear};
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 pub enum Activation {
@@ -70,14 +71,14 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
         let h = self.norm1.forward(x)?;
         let attn = attention(
             &self.q.forward(&h)?,
             &self.k.forward(&h)?,
             &self.v.forward(&h)?,
             self.heads,
-            mask,
+            causal,
         )?;
         let x = (x + self.out.forward(&attn)?)?;
         let h = self.norm2.forward(&x)?;
@@ -100,11 +101,11 @@ impl ClipEncoder {
         Ok(Self { layers })
     }
 
-    /// `x` [B, L, D]; `mask` an additive [L, L] attention mask.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// `x` [B, L, D]; `causal` hides later tokens from each token (text encoders).
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, mask)?;
+            x = layer.forward(&x, causal)?;
         }
         Ok(x)
     }

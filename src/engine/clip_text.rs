@@ -129,9 +129,7 @@ impl ClipTextModel {
         let tokens = self.token_embedding.forward(&ids)?;
         let positions = self.position_embedding.narrow(0, 0, len)?;
         let x = tokens.broadcast_add(&positions)?;
-        let mask = causal_mask(len, x.device())?;
-        self.final_norm
-            .forward(&self.encoder.forward(&x, Some(&mask))?)
+        self.final_norm.forward(&self.encoder.forward(&x, true)?)
     }
 }
 
@@ -162,14 +160,6 @@ impl ClipTextModel {
             .contiguous()?;
         hidden.gather(&index, 1)?.squeeze(1)
     }
-}
-
-/// Additive mask that hides later tokens: 0 on and below the diagonal, −∞ above.
-fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(values, (len, len), device)
 }
 
 /// Embeds prompts already tokenized to equal length.

@@ -128,7 +128,7 @@ impl ClipVisionModel {
             Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         let hidden = self
             .encoder
-            .forward(&self.pre_norm.forward(&tokens)?, None)?;
+            .forward(&self.pre_norm.forward(&tokens)?, false)?;
         self.post_norm.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)
     }
 }

@@ -5,6 +5,7 @@
 //! for ops whose candle backward is too slow to train with; `linear` for frozen layers whose
 //! weights need no gradient).
 
+pub mod attention;
 pub mod channel;
 pub mod clip_encoder;
 pub mod clip_model;

@@ -121,79 +121,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Largest score matrix one attention call materialises. Longer queries are processed in row
-/// chunks, so memory stays bounded at high resolutions (96×96 latents would otherwise need
-/// several GiB per layer).
-const MAX_SCORE_BYTES: usize = 256 << 20;
-
-/// Scaled dot-product attention over pre-projected `q` [B, Lq, H·d], `k`/`v` [B, Lk, H·d], with an
-/// optional additive `mask` [Lq, Lk].
-///
-/// Scores and softmax run in f32 for half-precision inputs (diffusers' `upcast_attention` and
-/// `upcast_softmax`), so both flags are honoured by always upcasting.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
-    chunked_attention(q, k, v, heads, mask, MAX_SCORE_BYTES)
-}
-
-fn chunked_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    mask: Option<&Tensor>,
-    max_score_bytes: usize,
-) -> Result<Tensor> {
-    let (b, lq, inner) = q.dims3()?;
-    let lk = k.dim(1)?;
-    let head_dim = inner / heads;
-    let dtype = q.dtype();
-    let work = compute_dtype(dtype);
-    let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-        t.reshape((b, len, heads, head_dim))?
-            .transpose(1, 2)?
-            .reshape((b * heads, len, head_dim))?
-            .to_dtype(work)
-    };
-    let q = split(q, lq)?;
-    let k_t = split(k, lk)?.t()?;
-    let v = split(v, lk)?;
-    let mask = mask.map(|m| m.to_dtype(work)).transpose()?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let row_bytes = b * heads * lk * work.size_in_bytes();
-    let rows = (max_score_bytes / row_bytes.max(1)).clamp(1, lq);
-    let chunks = (0..lq)
-        .step_by(rows)
-        .map(|start| {
-            let len = rows.min(lq - start);
-            let q_rows = if len == lq {
-                q.clone()
-            } else {
-                q.narrow(1, start, len)?.contiguous()?
-            };
-            let mut scores = (q_rows.matmul(&k_t)? * scale)?;
-            if let Some(mask) = &mask {
-                scores = scores.broadcast_add(&mask.narrow(0, start, len)?)?;
-            }
-            softmax_last_dim(&scores)?.matmul(&v)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let out = if chunks.len() == 1 {
-        chunks.into_iter().next().expect("one chunk")
-    } else {
-        Tensor::cat(&chunks, 1)?
-    };
-    out.reshape((b, heads, lq, head_dim))?
-        .transpose(1, 2)?
-        .reshape((b, lq, inner))?
-        .to_dtype(dtype)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,48 +149,5 @@ mod tests {
         let fused = norm.forward(&x).unwrap();
         let slow = norm.forward(tracked.as_tensor()).unwrap();
         assert!(rel_diff(&fused, &slow) < 1e-6);
-    }
-
-    /// Row-chunked attention equals the one-shot computation, masks included.
-    #[test]
-    fn chunked_attention_matches_unchunked() {
-        let mut rng = NoiseStream::new(4);
-        let dev = Device::Cpu;
-        let q = rng.tensor((2, 7, 8), &dev).unwrap();
-        let k = rng.tensor((2, 5, 8), &dev).unwrap();
-        let v = rng.tensor((2, 5, 8), &dev).unwrap();
-        let mask = rng.tensor((7, 5), &dev).unwrap();
-        let whole = chunked_attention(&q, &k, &v, 2, Some(&mask), usize::MAX).unwrap();
-        // 2·2 rows of 5 f32 scores per query: 3 query rows per chunk.
-        let chunked = chunked_attention(&q, &k, &v, 2, Some(&mask), 3 * 2 * 2 * 5 * 4).unwrap();
-        assert!(rel_diff(&chunked, &whole) < 1e-6);
-        // Gradients with respect to the queries and keys agree too.
-        let (qv, kv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap());
-        let weights = rng.tensor((2, 7, 8), &dev).unwrap();
-        let grads = |max_bytes: usize| {
-            let out = chunked_attention(
-                qv.as_tensor(),
-                kv.as_tensor(),
-                &v,
-                2,
-                Some(&mask),
-                max_bytes,
-            )
-            .unwrap();
-            let g = (out * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            (
-                g.get(qv.as_tensor()).unwrap().clone(),
-                g.get(kv.as_tensor()).unwrap().clone(),
-            )
-        };
-        let (gq_whole, gk_whole) = grads(usize::MAX);
-        let (gq_chunked, gk_chunked) = grads(3 * 2 * 2 * 5 * 4);
-        assert!(rel_diff(&gq_chunked, &gq_whole) < 1e-6);
-        assert!(rel_diff(&gk_chunked, &gk_whole) < 1e-6);
     }
 }

@@ -9,9 +9,10 @@ use candle_nn::VarBuilder;
 use super::linear::Linear;
 use serde::Deserialize;
 
+use super::attention::attention;
 use super::config::{read_json, require_default, require_silu};
 use super::conv::Conv2d;
-use super::nn::{GroupNorm, attention, conv2d, group_norm, linear};
+use super::nn::{GroupNorm, conv2d, group_norm, linear};
 use super::resnet::{ResnetBlock, ResnetConfig};
 use super::sampling::{Downsample, Upsample};
 
@@ -125,7 +126,7 @@ impl MidAttention {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let out = self.to_out.forward(&attention(&q, &k, &v, 1, None)?)?;
+        let out = self.to_out.forward(&attention(&q, &k, &v, 1, false)?)?;
         out.transpose(1, 2)?.reshape((b, c, h, w))? + x
     }
 }

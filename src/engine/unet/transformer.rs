@@ -5,8 +5,9 @@ use candle_nn::VarBuilder;
 
 use crate::engine::linear::Linear;
 
+use crate::engine::attention::attention;
 use crate::engine::conv::Conv2d;
-use crate::engine::nn::{GroupNorm, LayerNorm, attention, conv2d, group_norm, linear};
+use crate::engine::nn::{GroupNorm, LayerNorm, conv2d, group_norm, linear};
 
 /// One cross-attention (`attn2`) layer as an adapter sees it.
 #[derive(Clone)]
@@ -167,7 +168,7 @@ impl SelfAttention {
         let k = self.to_k.forward(x, hook)?;
         let v = self.to_v.forward(x, hook)?;
         self.to_out
-            .forward(&attention(&q, &k, &v, self.heads, None)?, hook)
+            .forward(&attention(&q, &k, &v, self.heads, false)?, hook)
     }
 }
 
@@ -182,7 +183,7 @@ impl CrossAttention {
         let q = self.to_q.forward(x, hook)?;
         let (k, v) = self.layer.key_value(context, hook)?;
         self.to_out
-            .forward(&attention(&q, &k, &v, self.layer.heads, None)?, hook)
+            .forward(&attention(&q, &k, &v, self.layer.heads, false)?, hook)
     }
 }
 
