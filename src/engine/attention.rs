@@ -177,6 +177,42 @@ impl Real for f64 {
     }
 }
 
+/// [`softmax_rows`] compiled for the best instruction set the CPU has (a closure would not be
+/// inlined into pulp's target-feature function, and would run as baseline SSE2 code).
+struct Softmax<'a, T> {
+    scores: &'a mut [T],
+    cols: usize,
+    scale: T,
+    first_row: usize,
+    causal: bool,
+}
+
+impl<T: Real> pulp::WithSimd for Softmax<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        softmax_rows(self.scores, self.cols, self.scale, self.first_row, self.causal)
+    }
+}
+
+/// [`softmax_grad_rows`] compiled for the best instruction set the CPU has.
+struct SoftmaxGrad<'a, T> {
+    probs: &'a [T],
+    dprobs: &'a mut [T],
+    cols: usize,
+    scale: T,
+}
+
+impl<T: Real> pulp::WithSimd for SoftmaxGrad<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        softmax_grad_rows(self.probs, self.dprobs, self.cols, self.scale)
+    }
+}
+
 /// Independent accumulators for row reductions, so they vectorise.
 const LANES: usize = 16;
 
@@ -283,7 +319,13 @@ unsafe fn block_probabilities<T: Real>(
         );
     }
     let scale = T::from_f64(dims.scale());
-    pulp::Arch::new().dispatch(|| softmax_rows(scores, lk, scale, first, dims.causal));
+    pulp::Arch::new().dispatch(Softmax {
+        scores,
+        cols: lk,
+        scale,
+        first_row: first,
+        causal: dims.causal,
+    });
 }
 
 fn forward<T: Real>(dims: &Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
@@ -377,8 +419,11 @@ fn backward<T: Real>(dims: &Dims, q: &[T], k: &[T], v: &[T], dout: &[T]) -> [Vec
                     (v[kv_base..].as_ptr(), 1, c),
                     par,
                 );
-                pulp::Arch::new().dispatch(|| {
-                    softmax_grad_rows(&probs[..n * lk], &mut dscores[..n * lk], lk, scale)
+                pulp::Arch::new().dispatch(SoftmaxGrad {
+                    probs: &probs[..n * lk],
+                    dprobs: &mut dscores[..n * lk],
+                    cols: lk,
+                    scale,
                 });
                 // dQ = dS · K_h
                 matmul(
