@@ -17,5 +17,6 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }
