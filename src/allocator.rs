@@ -13,10 +13,9 @@ pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before other threads run.
     unsafe {
-        // 32 MiB: the largest mmap threshold glibc accepts on 64-bit targets.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        // No mmap at all: glibc would still mmap anything over 32 MiB, its threshold's ceiling.
         libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }
