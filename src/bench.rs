@@ -173,9 +173,13 @@ pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<B
             let (reward, _) = Scorers::new(sd.source.root(), device).reward(&preset)?;
             let mut trainer = session::new_trainer(&preset, &sd, &reward)?;
             time(&mut || {
-                trainer
+                let m = trainer
                     .run_epoch(&|| false)?
                     .context("the epoch stopped without being asked to")?;
+                eprintln!(
+                    "epoch {}: sampling {:.2} s, reward {:.2} s, training {:.2} s",
+                    m.epoch, m.seconds_sampling, m.seconds_reward, m.seconds_training
+                );
                 Ok(())
             })
         }

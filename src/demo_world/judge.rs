@@ -144,8 +144,8 @@ impl Judge {
     pub fn logits(&self, images: &Tensor) -> Result<[Tensor; 4]> {
         let mut h = self.stem.forward(&((images * 2.0)? - 1.0)?)?.silu()?;
         for s in &self.stages {
-            h = s.norm1.forward(&s.down.forward(&h)?)?.silu()?;
-            h = (s.norm2.forward(&s.conv.forward(&h)?)?.silu()? + &h)?;
+            h = s.norm1.forward_silu(&s.down.forward(&h)?)?;
+            h = (s.norm2.forward_silu(&s.conv.forward(&h)?)? + &h)?;
         }
         let flat = h.flatten_from(2)?;
         let pooled = Tensor::cat(&[flat.mean(D::Minus1)?, flat.max(D::Minus1)?], 1)?;

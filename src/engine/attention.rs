@@ -8,14 +8,12 @@
 //! chunks that bound the score matrix.
 
 use candle_core::{
-    CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
-    bail,
+    CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Storage, Tensor, bail,
 };
 use gemm::Parallelism;
-use num_traits::Float;
 use rayon::prelude::*;
 
-use super::cpu_kernels::{contiguous, matmul};
+use super::cpu_kernels::{Real, contiguous, matmul};
 use super::nn::{compute_dtype, softmax_last_dim};
 
 /// Attention of `q` over `k` / `v` with `heads` heads; `causal` hides later keys from each
@@ -144,39 +142,6 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// The element type of the fused kernels.
-trait Real: WithDType + Float {
-    /// `e^x` for `x ≤ 0` (softmax arguments): vectorisable in f32, exact to ~1 ulp.
-    fn exp_nonpositive(x: Self) -> Self;
-}
-
-impl Real for f32 {
-    #[inline(always)]
-    fn exp_nonpositive(x: f32) -> f32 {
-        // Cephes' expf: e^x = 2^n · e^r with |r| ≤ ln2/2, e^r by a degree-7 polynomial.
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        let clamped = x.max(-87.0);
-        let n = (clamped * std::f32::consts::LOG2_E + 0.5).floor();
-        let r = clamped - n * LN2_HI - n * LN2_LO;
-        let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
-            * r
-            + 1.666_666_5e-1)
-            * r
-            + 0.5;
-        let e_r = p * r * r + r + 1.0;
-        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-        if x < -87.0 { 0.0 } else { e_r * two_n }
-    }
-}
-
-impl Real for f64 {
-    #[inline(always)]
-    fn exp_nonpositive(x: f64) -> f64 {
-        x.exp()
-    }
-}
-
 /// [`softmax_rows`] compiled for the best instruction set the CPU has (a closure would not be
 /// inlined into pulp's target-feature function, and would run as baseline SSE2 code).
 struct Softmax<'a, T> {
@@ -192,7 +157,13 @@ impl<T: Real> pulp::WithSimd for Softmax<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        softmax_rows(self.scores, self.cols, self.scale, self.first_row, self.causal)
+        softmax_rows(
+            self.scores,
+            self.cols,
+            self.scale,
+            self.first_row,
+            self.causal,
+        )
     }
 }
 

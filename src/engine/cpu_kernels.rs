@@ -1,7 +1,9 @@
-//! Helpers shared by the engine's own CPU kernels (`conv`, `channel`, `linear`).
+//! Helpers shared by the engine's own CPU kernels (`conv`, `channel`, `linear`, `attention`,
+//! `group_norm`).
 
 use candle_core::{Layout, Result, WithDType, bail};
 use gemm::Parallelism;
+use num_traits::Float;
 
 /// The slice a contiguous layout covers; the kernels are only handed contiguous tensors.
 pub fn contiguous<'a, T: WithDType>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
@@ -64,4 +66,45 @@ pub unsafe fn matmul<T: WithDType>(
             parallelism,
         )
     }
+}
+
+/// The element type of the fused kernels (f32, and f64 for gradient checks).
+pub trait Real: WithDType + Float {
+    /// `e^x` for `x ≤ 0` (softmax arguments): vectorisable in f32, exact to ~1 ulp.
+    fn exp_nonpositive(x: Self) -> Self;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn exp_nonpositive(x: f32) -> f32 {
+        // Cephes' expf: e^x = 2^n · e^r with |r| ≤ ln2/2, e^r by a degree-7 polynomial.
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        let clamped = x.max(-87.0);
+        let n = (clamped * std::f32::consts::LOG2_E + 0.5).floor();
+        let r = clamped - n * LN2_HI - n * LN2_LO;
+        let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+            * r
+            + 1.666_666_5e-1)
+            * r
+            + 0.5;
+        let e_r = p * r * r + r + 1.0;
+        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        if x < -87.0 { 0.0 } else { e_r * two_n }
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn exp_nonpositive(x: f64) -> f64 {
+        x.exp()
+    }
+}
+
+/// `x · sigmoid(x)`, vectorisable (no branch, no libm call in f32).
+#[inline(always)]
+pub fn silu<T: Real>(x: T) -> T {
+    let e = T::exp_nonpositive(-x.abs());
+    let s = if x >= T::zero() { T::one() } else { e } / (T::one() + e);
+    x * s
 }

@@ -12,6 +12,8 @@ use super::channel::scale_shift;
 use super::conv::Conv2d;
 use super::linear::Linear;
 
+pub use super::group_norm::{GroupNorm, group_norm};
+
 /// Layer norm over the last dimension, built from differentiable ops.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -47,33 +49,6 @@ impl Module for LayerNorm {
     }
 }
 
-/// Group norm over `(B, C, …)` activations, as PyTorch's `GroupNorm` (affine).
-#[derive(Debug, Clone)]
-pub struct GroupNorm {
-    weight: Tensor,
-    bias: Tensor,
-    groups: usize,
-    eps: f64,
-}
-
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        if dims.len() < 3 {
-            candle_core::bail!("group norm takes (batch, channels, …) activations, got {dims:?}");
-        }
-        let dtype = x.dtype();
-        let grouped = x
-            .reshape((dims[0], self.groups, ()))?
-            .to_dtype(compute_dtype(dtype))?;
-        let centered = grouped.broadcast_sub(&grouped.mean_keepdim(D::Minus1)?)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let normed = normed.reshape(dims)?.to_dtype(dtype)?;
-        scale_shift(&normed, &self.weight, &self.bias, 1)
-    }
-}
-
 /// Half-precision tensors are normalised and soft-maxed in f32, as diffusers does.
 pub fn compute_dtype(dtype: DType) -> DType {
     match dtype {
@@ -95,21 +70,6 @@ pub fn conv2d(
     padding: usize,
 ) -> Result<Conv2d> {
     Conv2d::load(vb, (in_ch, out_ch, kernel), stride, padding, true)
-}
-
-pub fn group_norm(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
-    if channels % groups != 0 {
-        candle_core::bail!(
-            "{}: {channels} channels cannot be split into {groups} norm groups",
-            vb.prefix()
-        );
-    }
-    Ok(GroupNorm {
-        weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
-        bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
-        groups,
-        eps,
-    })
 }
 
 /// Softmax over the last dimension: differentiable when a graph is recorded, fused otherwise.

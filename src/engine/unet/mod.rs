@@ -175,7 +175,7 @@ impl UNet {
                 .map(|(_, _, hh, ww)| (hh, ww));
             h = block.forward(&h, block_skips, &temb, context, hook, upsample_size)?;
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
