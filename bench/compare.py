@@ -23,6 +23,7 @@ ENGINE_CASES = [
     "unet_fwd_32_b2",
     "unet_fwd_64_b2",
     "unet_train_frozen_32_b1",
+    "unet_train_frozen_64_b1",
     "vae_decode_32_b1",
     "vae_decode_64_b1",
     "demo_unet_fwd_b8",

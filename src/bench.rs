@@ -27,6 +27,7 @@ pub const CASES: &[&str] = &[
     "unet_fwd_32_b2",
     "unet_fwd_64_b2",
     "unet_train_frozen_32_b1",
+    "unet_train_frozen_64_b1",
     "vae_decode_32_b1",
     "vae_decode_64_b1",
     "demo_unet_fwd_b8",
@@ -83,13 +84,17 @@ pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<B
                 Ok(())
             })
         }
-        "unet_fwd_32_b2" | "unet_fwd_64_b2" | "unet_train_frozen_32_b1" => {
+        "unet_fwd_32_b2"
+        | "unet_fwd_64_b2"
+        | "unet_train_frozen_32_b1"
+        | "unet_train_frozen_64_b1" => {
             let file: UNetConfigFile = serde_json::from_str(SD15_UNET)?;
             let unet = UNet::new(vb, &UNetConfig::from_file(&file)?)?;
             let (side, batch) = match name {
                 "unet_fwd_32_b2" => (32, 2),
                 "unet_fwd_64_b2" => (64, 2),
-                _ => (32, 1),
+                "unet_train_frozen_32_b1" => (32, 1),
+                _ => (64, 1),
             };
             let sample = Tensor::randn(0f32, 1.0, (batch, 4, side, side), device)?;
             let context = Tensor::randn(0f32, 1.0, (batch, 77, 768), device)?;
