@@ -209,3 +209,37 @@ fn progress_is_reported_once_per_step() {
     txt2img(&sd, &request(&["a cat"], 0, 0.0), hooks).unwrap();
     assert_eq!(*calls.borrow(), vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
 }
+
+/// `bench --json` keeps its contract: one JSON object per case and line, with the case's name,
+/// a positive median and the process's peak RSS (each case in a process of its own).
+#[test]
+fn cli_bench_prints_one_json_object_per_case() {
+    let cases = ["demo_unet_fwd_b8", "demo_vae_decode_b4"];
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))
+        .args([
+            "bench",
+            "--json",
+            "--repeats",
+            "1",
+            "--only",
+            &cases.join(","),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), cases.len(), "{stdout}");
+    for (line, case) in lines.iter().zip(cases) {
+        assert_eq!(line["name"], case);
+        assert!(line["median_s"].as_f64().unwrap() > 0.0, "{line}");
+        assert!(line["peak_rss_mib"].as_f64().unwrap() > 1.0, "{line}");
+    }
+}
