@@ -7,13 +7,11 @@
 //! transposed copies are made either. Other devices and dtypes compose candle ops, in row
 //! chunks that bound the score matrix.
 
-use candle_core::{
-    CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Storage, Tensor, bail,
-};
+use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::cpu_kernels::{Real, contiguous, matmul};
+use super::cpu_kernels::{Real, contiguous, matmul, with_cpu_slice};
 use super::nn::{compute_dtype, softmax_last_dim};
 
 /// Attention of `q` over `k` / `v` with `heads` heads; `causal` hides later keys from each
@@ -465,10 +463,10 @@ fn backward_tensors<T: Real>(
     v: &Tensor,
     dout: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let [dq, dk, dv] = with_slices::<T, _>(q, |q| {
-        with_slices::<T, _>(k, |k| {
-            with_slices::<T, _>(v, |v| {
-                with_slices::<T, _>(dout, |dout| Ok(backward(dims, q, k, v, dout)))
+    let [dq, dk, dv] = with_cpu_slice::<T, _>(q, |q| {
+        with_cpu_slice::<T, _>(k, |k| {
+            with_cpu_slice::<T, _>(v, |v| {
+                with_cpu_slice::<T, _>(dout, |dout| Ok(backward(dims, q, k, v, dout)))
             })
         })
     })?;
@@ -478,15 +476,6 @@ fn backward_tensors<T: Real>(
         Tensor::from_vec(dk, k.shape(), cpu)?,
         Tensor::from_vec(dv, v.shape(), cpu)?,
     ))
-}
-
-/// Runs `f` on the elements of the contiguous CPU tensor `t` of element type `T`.
-fn with_slices<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("fused attention runs on the CPU");
-    };
-    f(contiguous(T::cpu_storage_as_slice(cpu)?, layout)?)
 }
 
 /// Largest score matrix one call of the composed (non-CPU) attention materialises; longer

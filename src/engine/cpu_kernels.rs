@@ -1,7 +1,7 @@
 //! Helpers shared by the engine's own CPU kernels (`conv`, `channel`, `linear`, `attention`,
 //! `group_norm`).
 
-use candle_core::{Layout, Result, WithDType, bail};
+use candle_core::{Layout, Result, Storage, Tensor, WithDType, bail};
 use gemm::Parallelism;
 use num_traits::Float;
 
@@ -11,6 +11,16 @@ pub fn contiguous<'a, T: WithDType>(data: &'a [T], layout: &Layout) -> Result<&'
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("the engine's CPU kernels take contiguous tensors"),
     }
+}
+
+/// Runs `f` on the elements of `t`, a contiguous CPU tensor of element type `T` (for the
+/// kernels' backward passes, which get tensors rather than storages).
+pub fn with_cpu_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("the engine's CPU kernels take CPU tensors");
+    };
+    f(contiguous(T::cpu_storage_as_slice(cpu)?, layout)?)
 }
 
 /// Evaluates `$body` (a `Vec` of results) with the idents bound to the storages' slices when
@@ -101,10 +111,22 @@ impl Real for f64 {
     }
 }
 
-/// `x · sigmoid(x)`, vectorisable (no branch, no libm call in f32).
+/// `1 / (1 + e^-x)`, vectorisable (no branch, no libm call in f32).
+#[inline(always)]
+pub fn sigmoid<T: Real>(x: T) -> T {
+    let e = T::exp_nonpositive(-x.abs());
+    (if x >= T::zero() { T::one() } else { e }) / (T::one() + e)
+}
+
+/// `x · sigmoid(x)`.
 #[inline(always)]
 pub fn silu<T: Real>(x: T) -> T {
-    let e = T::exp_nonpositive(-x.abs());
-    let s = if x >= T::zero() { T::one() } else { e } / (T::one() + e);
-    x * s
+    x * sigmoid(x)
+}
+
+/// The derivative of [`silu`]: `s · (1 + x · (1 − s))` with `s = sigmoid(x)`.
+#[inline(always)]
+pub fn silu_grad<T: Real>(x: T) -> T {
+    let s = sigmoid(x);
+    s * (T::one() + x * (T::one() - s))
 }
