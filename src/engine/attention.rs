@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::cpu_kernels::{Real, contiguous, matmul, with_cpu_slice};
+use super::cpu_kernels::{LANES, Real, contiguous, matmul, with_cpu_slice};
 use super::nn::{compute_dtype, softmax_last_dim};
 
 /// Attention of `q` over `k` / `v` with `heads` heads; `causal` hides later keys from each
@@ -181,9 +181,6 @@ impl<T: Real> pulp::WithSimd for SoftmaxGrad<'_, T> {
         softmax_grad_rows(self.probs, self.dprobs, self.cols, self.scale)
     }
 }
-
-/// Independent accumulators for row reductions, so they vectorise.
-const LANES: usize = 16;
 
 /// Turns each row of `scores` (`cols` wide) into softmax(scale · row) in place, the first row
 /// being query `first_row` (for the causal mask); returns nothing, rows sum to one.

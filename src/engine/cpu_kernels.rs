@@ -130,3 +130,29 @@ pub fn silu_grad<T: Real>(x: T) -> T {
     let s = sigmoid(x);
     s * (T::one() + x * (T::one() - s))
 }
+
+/// Independent accumulators for reductions, so they vectorise.
+pub const LANES: usize = 16;
+
+/// The mean and 1/√(variance + eps) of `x`, two-pass in f64.
+#[inline(always)]
+pub fn moments<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = lane_sum(x, |v| v) / n;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `Σ f(x)` in f64 over independent lanes.
+#[inline(always)]
+pub fn lane_sum<T: Real>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (&x, lane) in chunk.iter().zip(&mut lanes) {
+            *lane += f(x.to_f64());
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| f(x.to_f64())).sum();
+    lanes.iter().sum::<f64>() + tail
+}

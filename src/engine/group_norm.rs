@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::channel::scale_shift;
-use super::cpu_kernels::{Real, contiguous, silu, silu_grad, with_cpu_slice};
+use super::cpu_kernels::{LANES, Real, contiguous, moments, silu, silu_grad, with_cpu_slice};
 use super::nn::compute_dtype;
 
 #[derive(Debug, Clone)]
@@ -272,9 +272,6 @@ struct NormalizeGroup<'a, T> {
     silu: bool,
 }
 
-/// Independent accumulators, so the sums vectorise.
-const LANES: usize = 16;
-
 impl<T: Real> pulp::WithSimd for NormalizeGroup<'_, T> {
     type Output = ();
 
@@ -303,15 +300,6 @@ impl<T: Real> pulp::WithSimd for NormalizeGroup<'_, T> {
             }
         }
     }
-}
-
-/// A group's mean and 1/σ, two-pass in f64.
-#[inline(always)]
-fn moments<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
-    let n = x.len() as f64;
-    let mean = lane_sum(x, |v| v) / n;
-    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
-    (mean, 1.0 / (var + eps).sqrt())
 }
 
 /// One group's backward, compiled for the best instruction set the CPU has.
@@ -371,20 +359,6 @@ impl<T: Real> pulp::WithSimd for GroupBackward<'_, T> {
             }
         }
     }
-}
-
-/// `Σ f(x)` in f64 over independent lanes.
-#[inline(always)]
-fn lane_sum<T: Real>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let mut lanes = [0f64; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (&x, lane) in chunk.iter().zip(&mut lanes) {
-            *lane += f(x.to_f64());
-        }
-    }
-    let tail: f64 = chunks.remainder().iter().map(|&x| f(x.to_f64())).sum();
-    lanes.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]

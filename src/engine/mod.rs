@@ -16,6 +16,7 @@ pub mod conv;
 mod cpu_kernels;
 pub mod ddim;
 pub mod group_norm;
+pub mod layer_norm;
 pub mod linear;
 pub mod model;
 pub mod nn;

@@ -1,53 +1,17 @@
 //! Differentiable building blocks shared by the text encoder, UNet and VAE.
 //!
-//! candle's fused `layer_norm` and `softmax_last_dim` have no backward (gradients silently vanish),
-//! so layer norm and softmax are written here from basic ops that do. The fused kernels are used
-//! only where candle records no graph (`track_op` is false), i.e. where no gradient can flow.
-//! Norm affines go through `channel::scale_shift`, whose backward is fast.
+//! candle's fused `softmax_last_dim` has no backward (gradients silently vanish), so softmax is
+//! composed here from basic ops that have one wherever a graph is recorded. Layer norm, group
+//! norm and attention have CPU ops of their own (`layer_norm`, `group_norm`, `attention`).
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::channel::scale_shift;
 use super::conv::Conv2d;
 use super::linear::Linear;
 
 pub use super::group_norm::{GroupNorm, group_norm};
-
-/// Layer norm over the last dimension, built from differentiable ops.
-#[derive(Debug, Clone)]
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
-            bias: vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?,
-            eps,
-        })
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let needs_grad = x.track_op() || self.weight.track_op() || self.bias.track_op();
-        if !needs_grad && x.is_contiguous() {
-            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
-        }
-        let dtype = x.dtype();
-        let x = x.to_dtype(compute_dtype(dtype))?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let last = normed.rank() - 1;
-        scale_shift(&normed.to_dtype(dtype)?, &self.weight, &self.bias, last)
-    }
-}
+pub use super::layer_norm::LayerNorm;
 
 /// Half-precision tensors are normalised and soft-maxed in f32, as diffusers does.
 pub fn compute_dtype(dtype: DType) -> DType {
@@ -91,7 +55,7 @@ mod tests {
         crate::parity::relative_l2(a, b).unwrap()
     }
 
-    /// The fused (inference) and differentiable (training) paths compute the same values.
+    /// The fused (inference) and differentiable (training) softmax compute the same values.
     #[test]
     fn fused_and_differentiable_paths_agree() {
         let mut rng = NoiseStream::new(3);
@@ -100,14 +64,6 @@ mod tests {
         assert!(!x.track_op() && tracked.as_tensor().track_op());
         let fused = softmax_last_dim(&x).unwrap();
         let slow = softmax_last_dim(tracked.as_tensor()).unwrap();
-        assert!(rel_diff(&fused, &slow) < 1e-6);
-        let norm = LayerNorm {
-            weight: (rng.tensor(16, &Device::Cpu).unwrap() + 1.0).unwrap(),
-            bias: rng.tensor(16, &Device::Cpu).unwrap(),
-            eps: 1e-5,
-        };
-        let fused = norm.forward(&x).unwrap();
-        let slow = norm.forward(tracked.as_tensor()).unwrap();
         assert!(rel_diff(&fused, &slow) < 1e-6);
     }
 }
