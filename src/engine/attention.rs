@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::cpu_kernels::{LANES, Real, contiguous, matmul, with_cpu_slice};
+use super::cpu_kernels::{LANES, Real, contiguous, matmul, with_cpu_slice, with_floats};
 use super::nn::{compute_dtype, softmax_last_dim};
 
 /// Attention of `q` over `k` / `v` with `heads` heads; `causal` hides later keys from each
@@ -99,25 +99,12 @@ impl CustomOp3 for FusedAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::new(l1.shape(), l2.shape(), l3.shape(), self.heads, self.causal)?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(forward(
-                    &dims,
-                    contiguous(q, l1)?,
-                    contiguous(k, l2)?,
-                    contiguous(v, l3)?,
-                ))
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(forward(
-                    &dims,
-                    contiguous(q, l1)?,
-                    contiguous(k, l2)?,
-                    contiguous(v, l3)?,
-                ))
-            }
-            _ => bail!("fused attention takes f32 or f64 tensors of one dtype"),
-        };
+        let out = with_floats!((s1, s2, s3), |q, k, v| forward(
+            &dims,
+            contiguous(q, l1)?,
+            contiguous(k, l2)?,
+            contiguous(v, l3)?
+        ));
         Ok((out, l1.shape().clone()))
     }
 

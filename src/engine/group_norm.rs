@@ -13,7 +13,9 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::channel::scale_shift;
-use super::cpu_kernels::{LANES, Real, contiguous, moments, silu, silu_grad, with_cpu_slice};
+use super::cpu_kernels::{
+    LANES, Real, contiguous, moments, silu, silu_grad, with_cpu_slice, with_floats,
+};
 use super::nn::compute_dtype;
 
 #[derive(Debug, Clone)]
@@ -106,25 +108,12 @@ impl CustomOp3 for FusedGroupNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = self.shape(l1.shape(), l2.shape(), l3.shape())?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.run(
-                    &shape,
-                    contiguous(x, l1)?,
-                    contiguous(w, l2)?,
-                    contiguous(b, l3)?,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.run(
-                    &shape,
-                    contiguous(x, l1)?,
-                    contiguous(w, l2)?,
-                    contiguous(b, l3)?,
-                ))
-            }
-            _ => bail!("the fused group norm takes f32 or f64 tensors of one dtype"),
-        };
+        let out = with_floats!((s1, s2, s3), |x, w, b| self.run(
+            &shape,
+            contiguous(x, l1)?,
+            contiguous(w, l2)?,
+            contiguous(b, l3)?
+        ));
         Ok((out, l1.shape().clone()))
     }
 

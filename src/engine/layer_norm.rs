@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::channel::scale_shift;
-use super::cpu_kernels::{Real, contiguous, moments, with_cpu_slice};
+use super::cpu_kernels::{Real, contiguous, moments, with_cpu_slice, with_floats};
 use super::nn::compute_dtype;
 
 #[derive(Debug, Clone)]
@@ -78,17 +78,12 @@ impl CustomOp3 for FusedLayerNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dim = row_len(l1.shape(), l2.shape(), l3.shape())?;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let (x, w, b) = (contiguous(x, l1)?, contiguous(w, l2)?, contiguous(b, l3)?);
-                CpuStorage::F32(self.forward(dim, x, w, b))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let (x, w, b) = (contiguous(x, l1)?, contiguous(w, l2)?, contiguous(b, l3)?);
-                CpuStorage::F64(self.forward(dim, x, w, b))
-            }
-            _ => bail!("the fused layer norm takes f32 or f64 tensors of one dtype"),
-        };
+        let out = with_floats!((s1, s2, s3), |x, w, b| self.forward(
+            dim,
+            contiguous(x, l1)?,
+            contiguous(w, l2)?,
+            contiguous(b, l3)?
+        ));
         Ok((out, l1.shape().clone()))
     }
 

@@ -19,10 +19,6 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
-    }
-
     /// Weights named `weight` (and `bias`) under `vb`, initialised like PyTorch's `Linear`.
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let bound = 1.0 / (in_dim as f64).sqrt();
@@ -42,10 +38,6 @@ impl Linear {
     /// `[out, in]`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
-    }
-
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
     }
 }
 
@@ -153,11 +145,14 @@ mod tests {
             .unwrap()
             .to_dtype(DType::F64)
             .unwrap();
-        let frozen = Linear::new(weight.clone(), Some(bias.clone()));
-        let trained = Linear::new(
-            Var::from_tensor(&weight).unwrap().as_tensor().clone(),
-            Some(bias),
-        );
+        let frozen = Linear {
+            weight: weight.clone(),
+            bias: Some(bias.clone()),
+        };
+        let trained = Linear {
+            weight: Var::from_tensor(&weight).unwrap().as_tensor().clone(),
+            bias: Some(bias),
+        };
         let x = Var::from_tensor(&x).unwrap();
         let upstream = rng
             .tensor((2, 3, 6), &dev)
