@@ -15,6 +15,7 @@ pub mod config;
 pub mod conv;
 mod cpu_kernels;
 pub mod ddim;
+pub mod geglu;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;

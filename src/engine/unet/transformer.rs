@@ -7,6 +7,7 @@ use crate::engine::linear::Linear;
 
 use crate::engine::attention::attention;
 use crate::engine::conv::Conv2d;
+use crate::engine::geglu::geglu;
 use crate::engine::nn::{GroupNorm, LayerNorm, conv2d, group_norm, linear};
 
 /// One cross-attention (`attn2`) layer as an adapter sees it.
@@ -240,10 +241,8 @@ impl TransformerBlock {
             .attn2
             .forward(&self.norm2.forward(&x)?, context, hook)?
             + &x)?;
-        // GEGLU feed-forward: value half times GELU(gate half).
         let h = self.ff_in.forward(&self.norm3.forward(&x)?, hook)?;
-        let half = h.dim(2)? / 2;
-        let gated = (h.narrow(2, 0, half)? * h.narrow(2, half, half)?.gelu_erf()?)?;
+        let gated = geglu(&h)?;
         self.ff_out.forward(&gated, hook)? + x
     }
 }
