@@ -49,7 +49,8 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
     let mut rng = NoiseStream::new(7);
     // (batch, c_in, h, w, c_out, kernel, stride, padding): 3×3 same, stride 2, 1×1 pointwise,
     // patch embedding (kernel = stride), unpadded, padding wider than needed, batch 1 (threads
-    // inside the GEMM) and batch 5 (threads across images).
+    // inside the GEMM) and batch 5 (threads across images); size-keeping ones (the shifted-run
+    // im2col) on a 5×5 kernel and on images as narrow as the kernel's reach or narrower.
     let cases = [
         (2, 3, 7, 7, 4, 3, 1, 1),
         (3, 2, 9, 9, 5, 3, 2, 1),
@@ -57,6 +58,10 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
         (2, 3, 16, 16, 6, 8, 8, 0),
         (1, 2, 5, 6, 3, 3, 1, 0),
         (5, 3, 4, 6, 2, 3, 1, 2),
+        (3, 2, 6, 5, 2, 5, 1, 2),
+        (5, 3, 2, 2, 3, 3, 1, 1),
+        (2, 2, 1, 1, 2, 3, 1, 1),
+        (2, 2, 3, 1, 2, 5, 1, 2),
     ];
     for (b, c_in, h, w, c_out, k, stride, padding) in cases {
         let what = format!("conv {b}×{c_in}×{h}×{w} → {c_out}, k{k} s{stride} p{padding}");

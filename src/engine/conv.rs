@@ -186,8 +186,70 @@ impl Geometry {
         scratch
     }
 
+    /// A stride-1 convolution whose output is the input's size (a 3×3 kernel with padding 1):
+    /// each im2col row is then its input channel shifted by a constant, one contiguous run.
+    fn keeps_size(&self) -> bool {
+        self.stride == 1 && self.out_h == self.h && self.out_w == self.w
+    }
+
+    /// For a size-keeping convolution: how far im2col row `(ky, kx)` reads ahead of its
+    /// output in the flattened channel (negative: behind), the column shift alone, and the
+    /// part of the row `[out_pixels]` the contiguous run covers (the rest is padding).
+    fn shifted_run(&self, ky: usize, kx: usize) -> (isize, isize, std::ops::Range<usize>) {
+        let (w, len) = (self.w as isize, (self.h * self.w) as isize);
+        let shift_x = kx as isize - self.padding as isize;
+        let offset = (ky as isize - self.padding as isize) * w + shift_x;
+        let start = (-offset).clamp(0, len) as usize;
+        let end = (len - offset).clamp(0, len) as usize;
+        (offset, shift_x, start..end.max(start))
+    }
+
+    /// The columns of an output row that a column shift of `shift_x` takes into the padding.
+    fn border_columns(&self, shift_x: isize) -> std::ops::Range<usize> {
+        let w = self.w;
+        if shift_x < 0 {
+            0..(shift_x.unsigned_abs()).min(w)
+        } else {
+            w - (shift_x as usize).min(w)..w
+        }
+    }
+
     /// im2col of one image `[c_in, h, w]` into `cols` `[patch_len, out_pixels]`.
     fn im2col<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
+        if self.keeps_size() {
+            self.im2col_shifted(image, cols)
+        } else {
+            self.im2col_by_rows(image, cols)
+        }
+    }
+
+    /// [`im2col`](Self::im2col) of a size-keeping convolution: a contiguous run per row of
+    /// `cols`, then the wrapped border columns zeroed (a call per output row is what dominates
+    /// at the small sizes of the demo model).
+    fn im2col_shifted<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
+        let (pixels, channel_len) = (self.out_pixels(), self.h * self.w);
+        for (row, col_row) in cols.chunks_exact_mut(pixels).enumerate() {
+            let (c, ky, kx) = self.patch_row(row);
+            let channel = &image[c * channel_len..(c + 1) * channel_len];
+            let (offset, shift_x, run) = self.shifted_run(ky, kx);
+            col_row[..run.start].fill(T::zero());
+            col_row[run.end..].fill(T::zero());
+            if !run.is_empty() {
+                let source = (run.start as isize + offset) as usize;
+                col_row[run.clone()].copy_from_slice(&channel[source..source + run.len()]);
+            }
+            // The run wraps around the row ends, where the kernel reads padding.
+            if shift_x != 0 {
+                let border = self.border_columns(shift_x);
+                for out_row in col_row.chunks_exact_mut(self.w) {
+                    out_row[border.clone()].fill(T::zero());
+                }
+            }
+        }
+    }
+
+    /// [`im2col`](Self::im2col) of any convolution, output row by output row.
+    fn im2col_by_rows<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
         let pixels = self.out_pixels();
         for (row, col_row) in cols.chunks_exact_mut(pixels).enumerate() {
             let (c, ky, kx) = self.patch_row(row);
@@ -218,7 +280,42 @@ impl Geometry {
     }
 
     /// The adjoint of [`im2col`](Self::im2col): adds `cols` back onto one image's gradient.
-    fn col2im<T: WithDType>(&self, cols: &[T], image: &mut [T]) {
+    /// Entries that im2col takes from the padding are zeroed in `cols` on the way.
+    fn col2im<T: WithDType>(&self, cols: &mut [T], image: &mut [T]) {
+        if self.keeps_size() {
+            self.col2im_shifted(cols, image)
+        } else {
+            self.col2im_by_rows(cols, image)
+        }
+    }
+
+    fn col2im_shifted<T: WithDType>(&self, cols: &mut [T], image: &mut [T]) {
+        let (pixels, channel_len) = (self.out_pixels(), self.h * self.w);
+        for (row, col_row) in cols.chunks_exact_mut(pixels).enumerate() {
+            let (c, ky, kx) = self.patch_row(row);
+            let channel = &mut image[c * channel_len..(c + 1) * channel_len];
+            let (offset, shift_x, run) = self.shifted_run(ky, kx);
+            // Zeroed, the wrapped border entries add nothing where the run lands on them.
+            if shift_x != 0 {
+                let border = self.border_columns(shift_x);
+                for out_row in col_row.chunks_exact_mut(self.w) {
+                    out_row[border.clone()].fill(T::zero());
+                }
+            }
+            if run.is_empty() {
+                continue;
+            }
+            let target = (run.start as isize + offset) as usize;
+            for (t, &v) in channel[target..target + run.len()]
+                .iter_mut()
+                .zip(&col_row[run])
+            {
+                *t += v;
+            }
+        }
+    }
+
+    fn col2im_by_rows<T: WithDType>(&self, cols: &[T], image: &mut [T]) {
         let pixels = self.out_pixels();
         for (row, col_row) in cols.chunks_exact(pixels).enumerate() {
             let (c, ky, kx) = self.patch_row(row);
@@ -251,26 +348,32 @@ fn gemm_parallelism(batch: usize) -> Option<Parallelism> {
     (batch < threads).then_some(Parallelism::Rayon(threads))
 }
 
-/// Runs `f(image index, output chunk)` over `out` split into `batch` chunks, in parallel across
-/// images when there are at least as many as threads. `f` gets the GEMM parallelism to use.
-fn for_each_image<T: Send>(
+/// Runs `f(image index, output chunk, GEMM parallelism, scratch)` over `out` split into
+/// `batch` chunks, in parallel across images when there are at least as many as threads. The
+/// scratch buffer is reused from image to image on a thread, so it is allocated (and zeroed)
+/// once per thread rather than once per image.
+fn for_each_image<T: Send, S: Default + Send>(
     out: &mut [T],
     batch: usize,
-    f: impl Fn(usize, &mut [T], Parallelism) + Sync,
+    f: impl Fn(usize, &mut [T], Parallelism, &mut S) + Sync,
 ) {
     let chunk = out.len() / batch.max(1);
     if chunk == 0 {
         return;
     }
     match gemm_parallelism(batch) {
-        Some(inner) => out
-            .chunks_exact_mut(chunk)
-            .enumerate()
-            .for_each(|(b, o)| f(b, o, inner)),
+        Some(inner) => {
+            let mut scratch = S::default();
+            for (b, o) in out.chunks_exact_mut(chunk).enumerate() {
+                f(b, o, inner, &mut scratch);
+            }
+        }
         None => out
             .par_chunks_exact_mut(chunk)
             .enumerate()
-            .for_each(|(b, o)| f(b, o, Parallelism::None)),
+            .for_each_init(S::default, |scratch, (b, o)| {
+                f(b, o, Parallelism::None, scratch)
+            }),
     }
 }
 
@@ -339,9 +442,8 @@ impl CustomOp2 for Im2ColConv {
 fn conv_forward<T: WithDType>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); g.batch * g.out_len()];
     let (patch, pixels) = (g.patch_len(), g.out_pixels());
-    for_each_image(&mut out, g.batch, |b, out_b, par| {
-        let mut scratch = Vec::new();
-        let cols = g.columns(&x[b * g.in_len()..(b + 1) * g.in_len()], &mut scratch);
+    for_each_image(&mut out, g.batch, |b, out_b, par, scratch: &mut Vec<T>| {
+        let cols = g.columns(&x[b * g.in_len()..(b + 1) * g.in_len()], scratch);
         // out_b[c_out × pixels] = kernel[c_out × patch] · cols[patch × pixels]
         unsafe {
             matmul(
@@ -395,9 +497,8 @@ impl CustomOp2 for InputGrad<'_> {
 fn input_grad<T: WithDType>(g: &Geometry, dy: &[T], k: &[T]) -> Vec<T> {
     let mut dx = vec![T::zero(); g.batch * g.in_len()];
     let (patch, pixels) = (g.patch_len(), g.out_pixels());
-    for_each_image(&mut dx, g.batch, |b, dx_b, par| {
+    for_each_image(&mut dx, g.batch, |b, dx_b, par, scratch: &mut Vec<T>| {
         let dy_b = &dy[b * g.out_len()..(b + 1) * g.out_len()];
-        let mut scratch = Vec::new();
         let dcols = if g.is_pointwise() {
             dx_b.as_mut_ptr()
         } else {
@@ -416,7 +517,7 @@ fn input_grad<T: WithDType>(g: &Geometry, dy: &[T], k: &[T]) -> Vec<T> {
             )
         }
         if !g.is_pointwise() {
-            g.col2im(&scratch, dx_b);
+            g.col2im(scratch, dx_b);
         }
     });
     dx
@@ -468,25 +569,28 @@ fn kernel_grad<T: WithDType>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     };
     let mut partial = vec![T::zero(); parts * kernel_len];
     let images_per_part = g.batch.div_ceil(parts);
-    for_each_image(&mut partial, parts, |part, acc, par| {
-        let mut scratch = Vec::new();
-        let first = part * images_per_part;
-        for (i, b) in (first..(first + images_per_part).min(g.batch)).enumerate() {
-            let cols = g.columns(&x[b * g.in_len()..(b + 1) * g.in_len()], &mut scratch);
-            let dy_b = &dy[b * g.out_len()..(b + 1) * g.out_len()];
-            // acc[c_out × patch] += dy[c_out × pixels] · colsᵀ[pixels × patch]
-            unsafe {
-                matmul(
-                    (g.c_out, patch, pixels),
-                    acc.as_mut_ptr(),
-                    i > 0,
-                    (dy_b.as_ptr(), pixels, 1),
-                    (cols.as_ptr(), 1, pixels),
-                    par,
-                )
+    for_each_image(
+        &mut partial,
+        parts,
+        |part, acc, par, scratch: &mut Vec<T>| {
+            let first = part * images_per_part;
+            for (i, b) in (first..(first + images_per_part).min(g.batch)).enumerate() {
+                let cols = g.columns(&x[b * g.in_len()..(b + 1) * g.in_len()], scratch);
+                let dy_b = &dy[b * g.out_len()..(b + 1) * g.out_len()];
+                // acc[c_out × patch] += dy[c_out × pixels] · colsᵀ[pixels × patch]
+                unsafe {
+                    matmul(
+                        (g.c_out, patch, pixels),
+                        acc.as_mut_ptr(),
+                        i > 0,
+                        (dy_b.as_ptr(), pixels, 1),
+                        (cols.as_ptr(), 1, pixels),
+                        par,
+                    )
+                }
             }
-        }
-    });
+        },
+    );
     let (total, rest) = partial.split_at_mut(kernel_len);
     for part in rest.chunks_exact(kernel_len) {
         for (t, &p) in total.iter_mut().zip(part) {
