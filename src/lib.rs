@@ -17,4 +17,5 @@ pub mod parity;
 pub mod reward;
 pub mod stats;
 pub mod studio;
+pub mod threads;
 pub mod train;
