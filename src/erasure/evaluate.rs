@@ -50,6 +50,20 @@ pub struct SetReport {
     pub clip_image_similarity: f64,
     /// Mean PSNR (dB) of the erased image against the original at the same seed.
     pub psnr_db: f64,
+    /// What the judge read in every image, to see which prompts an adapter gets wrong.
+    #[serde(default)]
+    pub readings: Vec<ImageReadings>,
+}
+
+/// The judge's readings of one evaluation image, drawn by the original model and with the
+/// adapter at the same seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageReadings {
+    pub prompt: String,
+    pub seed: u64,
+    /// Attribute name → value read.
+    pub original: BTreeMap<String, String>,
+    pub erased: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,6 +305,20 @@ impl Evaluation<'_> {
             agreement,
             clip_image_similarity: mean_std(&graded.clip_similarity).0,
             psnr_db: mean_std(&graded.psnr).0,
+            readings: per_image
+                .iter()
+                .enumerate()
+                .map(|(i, prompt)| {
+                    let named =
+                        |r: &Reading| names.iter().cloned().zip(r.attributes.clone()).collect();
+                    ImageReadings {
+                        prompt: prompt.clone(),
+                        seed: first_seed + i as u64,
+                        original: named(&read_orig[i]),
+                        erased: named(&read_erased[i]),
+                    }
+                })
+                .collect(),
         }
     }
 }
