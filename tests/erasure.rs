@@ -582,9 +582,25 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     for set in &report.sets {
         assert_eq!(set.images, 2 * set.prompts.len());
         assert!((0.0..=1.0).contains(&set.concept_rate_erased));
+        // One reading per image, at consecutive seeds, each prompt twice in a row.
+        assert_eq!(set.readings.len(), set.images);
+        for (i, r) in set.readings.iter().enumerate() {
+            assert_eq!(r.seed, set.first_seed + i as u64);
+            assert_eq!(r.prompt, set.prompts[i / 2]);
+        }
     }
     // The demo model draws the star it is asked for (the trained steps are too few to erase).
     assert_eq!(report.sets[0].accuracy_original["object"], 1.0);
+    let target = &report.sets[0];
+    let stars = target
+        .readings
+        .iter()
+        .filter(|r| r.original["object"] == "star")
+        .count();
+    assert_eq!(
+        stars, target.images,
+        "the object accuracy is the readings' share"
+    );
     assert!(interrupted.join(evaluate::GRID_FILE).is_file());
     let written: evaluate::Report =
         serde_json::from_slice(&std::fs::read(interrupted.join(evaluate::REPORT_FILE)).unwrap())
