@@ -38,6 +38,8 @@ REFERENCE_CASES = {
     "unet_train_frozen_32_b1",
     "vae_decode_32_b1",
     "vae_decode_64_b1",
+    "demo_unet_fwd_b8",
+    "demo_vae_decode_b4",
 }
 
 

@@ -13,6 +13,9 @@ Cases:
   vae_decode_32_b1   VAE decode of a 32x32 latent (-> 256x256 image)
   vae_decode_64_b1   VAE decode of a 64x64 latent (-> 512x512 image)
   text_encoder_b2    CLIP ViT-L/14 text encoder, batch 2, 77 tokens
+  demo_unet_fwd_b8   the built-in demo model's UNet (64/96/128 channels, 16x16 latents, 24x64
+                     context; src/demo_world/architecture.rs), batch 8: one guided step of 4
+  demo_vae_decode_b4 the demo model's VAE decode of 4 latents of 16x16 (-> 64x64 images)
 
 Usage:
   /work/venv/bin/python bench/torch_reference.py [--json] [--repeats N] [--only NAME[,NAME]]
@@ -42,6 +45,8 @@ CASES = [
     "vae_decode_32_b1",
     "vae_decode_64_b1",
     "text_encoder_b2",
+    "demo_unet_fwd_b8",
+    "demo_vae_decode_b4",
 ]
 
 
@@ -111,9 +116,65 @@ def clip_vit_l14_text():
     return CLIPTextModel(cfg)
 
 
+def demo_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 96, 128),
+        layers_per_block=1,
+        attention_head_dim=4,
+        cross_attention_dim=64,
+        norm_num_groups=16,
+        act_fn="silu",
+    )
+
+
+def demo_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        act_fn="silu",
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+
+
 def make_case(name: str):
     """Return a zero-argument callable that runs one iteration of the case."""
     gen = torch.Generator().manual_seed(0)
+    if name == "demo_unet_fwd_b8":
+        unet = demo_unet().eval()
+        sample = torch.randn((8, 4, 16, 16), generator=gen)
+        t = torch.tensor([500] * 8, dtype=torch.int64)
+        ctx = torch.randn((8, 24, 64), generator=gen)
+
+        def run():
+            with torch.no_grad():
+                return unet(sample, t, encoder_hidden_states=ctx).sample
+
+        return run
+    if name == "demo_vae_decode_b4":
+        vae = demo_vae().eval()
+        z = torch.randn((4, 4, 16, 16), generator=gen)
+
+        def run():
+            with torch.no_grad():
+                return vae.decode(z).sample
+
+        return run
     if name.startswith("unet_"):
         side = 32 if "_32_" in name else 64
         batch = int(name.rsplit("_b", 1)[1])
