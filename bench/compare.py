@@ -2,7 +2,8 @@
 ratios (engine / PyTorch) as a Markdown table, as BENCHMARKS.md gives them.
 
 Alternating the two per case keeps both sides of a ratio close in time on a shared, noisy
-machine.  Cases the reference does not have (the demo ones) are timed on the engine only.
+machine.  The cases are the engine's (`erasure-studio bench --list`); those the reference does
+not have are timed on the engine only.
 
 Usage:
   python3 bench/compare.py [--engine target/release/erasure-studio] [--python /work/venv/bin/python]
@@ -18,19 +19,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ENGINE_CASES = [
-    "text_encoder_b2",
-    "unet_fwd_32_b2",
-    "unet_fwd_64_b2",
-    "unet_train_frozen_32_b1",
-    "unet_train_frozen_64_b1",
-    "vae_decode_32_b1",
-    "vae_decode_64_b1",
-    "demo_unet_fwd_b8",
-    "demo_vae_decode_b4",
-    "demo_txt2img_b4",
-    "ddpo_epoch_demo",
-]
 REFERENCE_CASES = {
     "text_encoder_b2",
     "unet_fwd_32_b2",
@@ -57,7 +45,8 @@ def main() -> None:
     ap.add_argument("--json-out", help="also write every row as JSON lines to this file")
     args = ap.parse_args()
 
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or ENGINE_CASES
+    everything = subprocess.run([args.engine, "bench", "--list"], check=True, capture_output=True, text=True)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or everything.stdout.split()
     rows = []
     for name in names:
         engine = last_json_line(

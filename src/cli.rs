@@ -136,6 +136,9 @@ enum Commands {
         only: Vec<String>,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Print the case names, one per line, and run nothing.
+        #[arg(long)]
+        list: bool,
     },
 }
 
@@ -463,7 +466,12 @@ pub fn run() -> anyhow::Result<()> {
             repeats,
             only,
             device,
+            list,
         } => {
+            if list {
+                bench::CASES.iter().for_each(|case| println!("{case}"));
+                return Ok(());
+            }
             let cases: Vec<String> = if only.is_empty() {
                 bench::CASES.iter().map(|s| s.to_string()).collect()
             } else {

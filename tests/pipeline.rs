@@ -242,4 +242,14 @@ fn cli_bench_prints_one_json_object_per_case() {
         assert!(line["median_s"].as_f64().unwrap() > 0.0, "{line}");
         assert!(line["peak_rss_mib"].as_f64().unwrap() > 1.0, "{line}");
     }
+    // `--list` names every case (bench/compare.py takes them from it) and runs none.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))
+        .args(["bench", "--list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        erasure_studio::bench::CASES
+    );
 }
