@@ -13,6 +13,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use rand::Rng;
 use rand::seq::SliceRandom;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::ppo::{advantages, clipped_loss};
@@ -452,8 +453,9 @@ impl<'a> ErasureTrainer<'a> {
         Ok(())
     }
 
-    /// One DDPO epoch. `stop` is polled between denoising steps and backward passes; when it returns
-    /// true the epoch is abandoned, the adapter left as it was before it, and `None` returned.
+    /// One DDPO epoch. `stop` is polled between denoising steps and rounds of backward passes;
+    /// when it returns true the epoch is abandoned, the adapter left as it was before it, and
+    /// `None` returned.
     pub fn run_epoch(&mut self, stop: &dyn Fn() -> bool) -> anyhow::Result<Option<EpochMetrics>> {
         let started = Instant::now();
         let c = self.config.clone();
@@ -621,7 +623,7 @@ impl<'a> ErasureTrainer<'a> {
         stop: &dyn Fn() -> bool,
     ) -> anyhow::Result<bool> {
         let c = self.config.clone();
-        let (batches, adv) = (data.batches, data.advantages);
+        let batches = data.batches;
         let eligible = ((self.sampling.steps as f64 * c.early_steps).ceil() as usize)
             .clamp(1, self.sampling.steps);
         let trained_steps =
@@ -641,30 +643,28 @@ impl<'a> ErasureTrainer<'a> {
             for group in split_evenly(&passes, groups) {
                 let mut accumulated = GradStore::default();
                 let mut taken = 0;
-                for &(step, b) in group {
+                for together in group.chunks(rayon::current_num_threads().max(1)) {
                     if stop() {
                         self.restore(snapshot)?;
                         return Ok(false);
                     }
-                    let traj = &batches[b];
-                    let n = traj.request.prompts.len();
-                    let items = Tensor::arange(0u32, n as u32, &self.sd.device)?;
-                    let offset = b * c.batch_size;
-                    let batch_adv = Tensor::new(&adv[offset..offset + n], &self.sd.device)?;
-                    let new = rollout::step_log_prob(self.sd, &self.adapter, traj, step, &items)?;
-                    let (loss, stats) =
-                        clipped_loss(&new, &traj.log_probs[step], &batch_adv, c.clip_range)?;
-                    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    if !value.is_finite() {
-                        eprintln!("PPO loss is {value} at step {step}; pass skipped");
-                        metrics.skipped_losses += 1;
-                        continue;
+                    for (pass, outcome) in together.iter().zip(self.ppo_passes(data, together)) {
+                        let PassOutcome {
+                            value,
+                            stats,
+                            grads,
+                        } = outcome?;
+                        let Some(grads) = grads else {
+                            eprintln!("PPO loss is {value} at step {}; pass skipped", pass.0);
+                            metrics.skipped_losses += 1;
+                            continue;
+                        };
+                        losses.push(value);
+                        clip_fractions.push(stats.clip_fraction);
+                        kls.push(stats.approx_kl);
+                        self.accumulate(&mut accumulated, &grads)?;
+                        taken += 1;
                     }
-                    losses.push(value);
-                    clip_fractions.push(stats.clip_fraction);
-                    kls.push(stats.approx_kl);
-                    self.accumulate(&mut accumulated, &loss.backward()?)?;
-                    taken += 1;
                 }
                 if taken == 0 {
                     metrics.skipped_updates += 1;
@@ -720,6 +720,39 @@ impl<'a> ErasureTrainer<'a> {
         metrics.anchor_distance = (!anchor_distances.is_empty()).then(|| mean(&anchor_distances));
         metrics.grad_norm = mean(&norms);
         Ok(true)
+    }
+
+    /// The PPO passes `(step, batch)`, one per thread of the pool at once: a pass of a small
+    /// model is a chain of ops too small to keep every core busy, so whole passes run side by
+    /// side. Each pass's arithmetic does not depend on which thread runs it, and the caller
+    /// adds the gradients in pass order, so the result is the same as one pass after another.
+    fn ppo_passes(
+        &self,
+        data: &EpochData,
+        passes: &[(usize, usize)],
+    ) -> Vec<candle_core::Result<PassOutcome>> {
+        let (sd, adapter) = (self.sd, &self.adapter);
+        let (batch_size, clip_range) = (self.config.batch_size, self.config.clip_range);
+        passes
+            .par_iter()
+            .map(|&(step, b)| {
+                let traj = &data.batches[b];
+                let n = traj.request.prompts.len();
+                let items = Tensor::arange(0u32, n as u32, &sd.device)?;
+                let offset = b * batch_size;
+                let batch_adv = Tensor::new(&data.advantages[offset..offset + n], &sd.device)?;
+                let new = rollout::step_log_prob(sd, adapter, traj, step, &items)?;
+                let (loss, stats) =
+                    clipped_loss(&new, &traj.log_probs[step], &batch_adv, clip_range)?;
+                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let grads = value.is_finite().then(|| loss.backward()).transpose()?;
+                Ok(PassOutcome {
+                    value,
+                    stats,
+                    grads,
+                })
+            })
+            .collect()
     }
 
     /// The preservation term at one random step of the reference trajectories, with gradients
@@ -833,6 +866,13 @@ struct EpochData<'e> {
     /// Per batch, the text conditioning of its prompts without the concept words; empty
     /// without the anchor term.
     anchors: &'e [Tensor],
+}
+
+/// One PPO pass: the loss, its statistics, and its gradients unless the loss is not finite.
+struct PassOutcome {
+    value: f64,
+    stats: super::ppo::PpoStats,
+    grads: Option<GradStore>,
 }
 
 /// An auxiliary loss added to every update, by the name the log gives it.
