@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device};
 use erasure_studio::adapter::ErasureAdapter;
@@ -527,16 +527,16 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     // Stopped in the middle of epoch 2's training passes: epoch 2 is discarded, the
     // checkpoint holds epoch 1, and the resumed run redoes epoch 2 from the same state.
     let interrupted = root.join("interrupted");
-    let polls = Cell::new(0);
-    // Per epoch: one poll before each of the 2 batches and each of their 3 denoising steps,
-    // one before each round of backward passes (2 updates of 2 passes, as many passes at once
-    // as the pool has threads), one after the epoch. The poll that stops comes after epoch 2's
-    // first update.
+    let polls = AtomicUsize::new(0);
+    // Per epoch: one poll before sampling and one before each of the 2 batches' 3 denoising
+    // steps, one before each round of backward passes (2 updates of 2 passes, as many passes
+    // at once as the pool has threads), one after the epoch. The poll that stops comes after
+    // epoch 2's first update.
     let rounds_per_update = 2usize.div_ceil(rayon::current_num_threads());
-    let polls_per_epoch = 8 + 2 * rounds_per_update + 1;
+    let polls_per_epoch = 7 + 2 * rounds_per_update + 1;
     let stop_mid_epoch_2 = || {
-        polls.set(polls.get() + 1);
-        polls.get() == polls_per_epoch + 8 + rounds_per_update + 1
+        let poll = polls.fetch_add(1, Ordering::SeqCst) + 1;
+        poll == polls_per_epoch + 7 + rounds_per_update + 1
     };
     let end = session::start(
         micro_preset(3),

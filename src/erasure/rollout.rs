@@ -60,7 +60,7 @@ pub fn sample_until(
     sd: &StableDiffusion,
     adapter: Option<&ErasureAdapter>,
     request: &GenerateRequest,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
 ) -> anyhow::Result<Option<Trajectories>> {
     if request.eta <= 0.0 {
         anyhow::bail!(

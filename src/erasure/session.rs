@@ -152,7 +152,7 @@ pub fn start(
     out: &Path,
     device: &Device,
     options: RunOptions,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
     if let Some(model) = model {
@@ -170,7 +170,7 @@ pub fn start_on(
     preset: Preset,
     out: &Path,
     options: RunOptions,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
     ensure_no_run(out)?;
@@ -198,7 +198,7 @@ pub fn resume(
     run: &Path,
     device: &Device,
     options: RunOptions,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
     let preset = RunDir::new(run).load_preset()?;
@@ -211,7 +211,7 @@ pub fn resume_on(
     sd: &StableDiffusion,
     run: &Path,
     options: RunOptions,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
     let dir = RunDir::new(run);
@@ -305,7 +305,7 @@ fn execute(
     preset: &Preset,
     sd: &StableDiffusion,
     options: RunOptions,
-    stop: &dyn Fn() -> bool,
+    stop: &(dyn Fn() -> bool + Sync),
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
     let (reward, _) = Scorers::new(sd.source.root(), &sd.device).reward(preset)?;

@@ -456,43 +456,45 @@ impl<'a> ErasureTrainer<'a> {
     /// One DDPO epoch. `stop` is polled between denoising steps and rounds of backward passes;
     /// when it returns true the epoch is abandoned, the adapter left as it was before it, and
     /// `None` returned.
-    pub fn run_epoch(&mut self, stop: &dyn Fn() -> bool) -> anyhow::Result<Option<EpochMetrics>> {
+    pub fn run_epoch(
+        &mut self,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> anyhow::Result<Option<EpochMetrics>> {
         let started = Instant::now();
         let c = self.config.clone();
         let mut rng = step_rng(c.seed, self.epochs_done);
         let epoch_prompts = self.draw_prompts(&mut rng);
 
-        let mut batches = Vec::with_capacity(c.batches_per_epoch);
-        let mut images = Vec::with_capacity(c.batches_per_epoch);
-        for prompts in epoch_prompts.chunks(c.batch_size) {
-            if stop() {
-                return Ok(None);
-            }
-            let request = self.request(prompts.to_vec(), &mut rng);
-            let Some(trajectories) =
-                rollout::sample_until(self.sd, Some(&self.adapter), &request, stop)?
-            else {
-                return Ok(None);
-            };
-            images.push(decode_images(self.sd, trajectories.final_latents())?);
-            batches.push(trajectories);
-        }
-        let reference = if c.preservation_weight > 0.0 {
-            if stop() {
-                return Ok(None);
-            }
+        // The seeds are drawn in the order the batches used to be sampled one after another.
+        let requests: Vec<GenerateRequest> = epoch_prompts
+            .chunks(c.batch_size)
+            .map(|prompts| self.request(prompts.to_vec(), &mut rng))
+            .collect();
+        let reference_request = (c.preservation_weight > 0.0).then(|| {
             let pool = &self.prompts.preservation;
             let prompts = (0..c.preservation_samples)
                 .map(|_| pool[rng.random_range(0..pool.len())].clone())
                 .collect();
-            let request = self.request(prompts, &mut rng);
-            let Some(trajectories) = rollout::sample_until(self.sd, None, &request, stop)? else {
-                return Ok(None);
-            };
-            Some(trajectories)
-        } else {
-            None
+            self.request(prompts, &mut rng)
+        });
+        if stop() {
+            return Ok(None);
+        }
+        let Some(sampled) =
+            self.sample_side_by_side(&requests, reference_request.as_ref(), stop)?
+        else {
+            return Ok(None);
         };
+        let (mut batches, mut images, mut reference) = (vec![], vec![], None);
+        for (trajectories, decoded) in sampled {
+            match decoded {
+                Some(decoded) => {
+                    images.push(decoded);
+                    batches.push(trajectories);
+                }
+                None => reference = Some(trajectories),
+            }
+        }
         let anchors = if c.anchor_weight > 0.0 {
             batches
                 .iter()
@@ -620,7 +622,7 @@ impl<'a> ErasureTrainer<'a> {
         data: &EpochData,
         rng: &mut impl Rng,
         metrics: &mut EpochMetrics,
-        stop: &dyn Fn() -> bool,
+        stop: &(dyn Fn() -> bool + Sync),
     ) -> anyhow::Result<bool> {
         let c = self.config.clone();
         let batches = data.batches;
@@ -720,6 +722,37 @@ impl<'a> ErasureTrainer<'a> {
         metrics.anchor_distance = (!anchor_distances.is_empty()).then(|| mean(&anchor_distances));
         metrics.grad_norm = mean(&norms);
         Ok(true)
+    }
+
+    /// The epoch's batches through the adapter (with their decoded images) and the reference
+    /// batch through the original model, all at once on the pool's threads, in that order;
+    /// `None` if `stop` interrupted them. Each batch's sampling depends only on its request.
+    fn sample_side_by_side(
+        &self,
+        requests: &[GenerateRequest],
+        reference: Option<&GenerateRequest>,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> anyhow::Result<Option<Vec<SampledBatch>>> {
+        let (sd, adapter) = (self.sd, &self.adapter);
+        let jobs: Vec<(Option<&ErasureAdapter>, &GenerateRequest)> = requests
+            .iter()
+            .map(|r| (Some(adapter), r))
+            .chain(reference.map(|r| (None, r)))
+            .collect();
+        let sampled: Vec<anyhow::Result<Option<_>>> = jobs
+            .par_iter()
+            .map(|&(adapter, request)| {
+                let Some(trajectories) = rollout::sample_until(sd, adapter, request, stop)? else {
+                    return Ok(None);
+                };
+                let images = adapter
+                    .is_some()
+                    .then(|| decode_images(sd, trajectories.final_latents()))
+                    .transpose()?;
+                Ok(Some((trajectories, images)))
+            })
+            .collect();
+        sampled.into_iter().collect()
     }
 
     /// The PPO passes `(step, batch)`, one per thread of the pool at once: a pass of a small
@@ -867,6 +900,9 @@ struct EpochData<'e> {
     /// without the anchor term.
     anchors: &'e [Tensor],
 }
+
+/// A sampled batch, with its decoded images when it went through the adapter.
+type SampledBatch = (Trajectories, Option<Tensor>);
 
 /// One PPO pass: the loss, its statistics, and its gradients unless the loss is not finite.
 struct PassOutcome {
