@@ -178,3 +178,13 @@ pub fn lane_sum<T: Real>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
     let tail: f64 = chunks.remainder().iter().map(|&x| f(x.to_f64())).sum();
     lanes.iter().sum::<f64>() + tail
 }
+
+/// The gradients of `Σ y · upstream`, a random projection of an op's output: the kernels'
+/// tests compare two implementations' backward passes through it.
+#[cfg(test)]
+pub fn projected_grads(y: &Tensor, upstream: &Tensor) -> candle_core::backprop::GradStore {
+    (y * upstream)
+        .and_then(|p| p.sum_all())
+        .and_then(|s| s.backward())
+        .expect("the projection of an op's output differentiates")
+}
