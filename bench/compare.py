@@ -45,8 +45,10 @@ def main() -> None:
     ap.add_argument("--json-out", help="also write every row as JSON lines to this file")
     args = ap.parse_args()
 
-    everything = subprocess.run([args.engine, "bench", "--list"], check=True, capture_output=True, text=True)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or everything.stdout.split()
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if not names:
+        listed = subprocess.run([args.engine, "bench", "--list"], check=True, capture_output=True, text=True)
+        names = listed.stdout.split()
     rows = []
     for name in names:
         engine = last_json_line(

@@ -5,7 +5,8 @@ mod erasure_cli;
 
 fn main() {
     erasure_studio::allocator::keep_freed_memory();
-    erasure_studio::threads::use_one_pool();
+    // SAFETY: first thing in `main`, before any other thread starts.
+    unsafe { erasure_studio::threads::use_one_pool() };
     if let Err(e) = cli::run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -11,10 +11,13 @@
 const CANDLE_POOL_THREADS: &str = "CANDLE_NUM_THREADS";
 
 /// Leaves rayon's pool as the only worker pool, unless the user sized candle's pool. Call at
-/// start-up, before any other thread runs and before the first tensor op.
-pub fn use_one_pool() {
+/// start-up, before the first tensor op.
+///
+/// # Safety
+/// It sets an environment variable: no other thread may be running.
+pub unsafe fn use_one_pool() {
     if std::env::var_os(CANDLE_POOL_THREADS).is_none() {
-        // SAFETY: called first thing in `main`, while no other thread reads the environment.
+        // SAFETY: the caller guarantees no other thread runs.
         unsafe { std::env::set_var(CANDLE_POOL_THREADS, "1") };
     }
 }

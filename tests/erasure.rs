@@ -585,11 +585,11 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     for set in &report.sets {
         assert_eq!(set.images, 2 * set.prompts.len());
         assert!((0.0..=1.0).contains(&set.concept_rate_erased));
-        // One reading per image, at consecutive seeds, each prompt twice in a row.
+        // One reading per image, at consecutive seeds, each prompt once per seed in a row.
         assert_eq!(set.readings.len(), set.images);
         for (i, r) in set.readings.iter().enumerate() {
             assert_eq!(r.seed, set.first_seed + i as u64);
-            assert_eq!(r.prompt, set.prompts[i / 2]);
+            assert_eq!(r.prompt, set.prompts[i / report.seeds_per_prompt]);
         }
     }
     // The demo model draws the star it is asked for (the trained steps are too few to erase).

@@ -280,7 +280,7 @@ impl Geometry {
     }
 
     /// The adjoint of [`im2col`](Self::im2col): adds `cols` back onto one image's gradient.
-    /// Entries that im2col takes from the padding are zeroed in `cols` on the way.
+    /// `cols` is scratch: the size-keeping path zeroes its padding entries on the way.
     fn col2im<T: WithDType>(&self, cols: &mut [T], image: &mut [T]) {
         if self.keeps_size() {
             self.col2im_shifted(cols, image)
@@ -295,15 +295,15 @@ impl Geometry {
             let (c, ky, kx) = self.patch_row(row);
             let channel = &mut image[c * channel_len..(c + 1) * channel_len];
             let (offset, shift_x, run) = self.shifted_run(ky, kx);
+            if run.is_empty() {
+                continue;
+            }
             // Zeroed, the wrapped border entries add nothing where the run lands on them.
             if shift_x != 0 {
                 let border = self.border_columns(shift_x);
                 for out_row in col_row.chunks_exact_mut(self.w) {
                     out_row[border.clone()].fill(T::zero());
                 }
-            }
-            if run.is_empty() {
-                continue;
             }
             let target = (run.start as isize + offset) as usize;
             for (t, &v) in channel[target..target + run.len()]
@@ -350,8 +350,8 @@ fn gemm_parallelism(batch: usize) -> Option<Parallelism> {
 
 /// Runs `f(image index, output chunk, GEMM parallelism, scratch)` over `out` split into
 /// `batch` chunks, in parallel across images when there are at least as many as threads. The
-/// scratch buffer is reused from image to image on a thread, so it is allocated (and zeroed)
-/// once per thread rather than once per image.
+/// scratch buffer is reused from image to image within a task (about one per thread), so it
+/// is allocated and zeroed a few times per call rather than once per image.
 fn for_each_image<T: Send, S: Default + Send>(
     out: &mut [T],
     batch: usize,

@@ -17,7 +17,9 @@ const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// `value · GELU(gate)` for `h = [value, gate]` along the last dimension.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
-    let width = h.dims().last().copied().unwrap_or(0);
+    let Some(&width) = h.dims().last() else {
+        bail!("GEGLU takes a tensor with a feature dimension, got a scalar");
+    };
     if width % 2 != 0 {
         bail!("GEGLU splits the last dimension in two halves, got {width}");
     }
@@ -137,8 +139,8 @@ impl<T: Real> pulp::WithSimd for GegluGradRows<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _: S) {
-        let inv_sqrt_2pi = T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI)
-            * T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+        let inv_sqrt_2pi =
+            T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
         let minus_half = T::from_f64(-0.5);
         for ((dh, h), dy) in self
             .dh

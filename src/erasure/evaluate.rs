@@ -265,6 +265,9 @@ impl Evaluation<'_> {
         let requested: Vec<Vec<Option<String>>> =
             per_image.iter().map(|p| self.judge.requested(p)).collect();
         let rate = |r: &[Reading]| r.iter().filter(|x| x.concept).count() as f64 / r.len() as f64;
+        let named = |r: &Reading| -> BTreeMap<String, String> {
+            names.iter().cloned().zip(r.attributes.clone()).collect()
+        };
         let mut accuracy_original = BTreeMap::new();
         let mut accuracy_erased = BTreeMap::new();
         let mut agreement = BTreeMap::new();
@@ -308,15 +311,11 @@ impl Evaluation<'_> {
             readings: per_image
                 .iter()
                 .enumerate()
-                .map(|(i, prompt)| {
-                    let named =
-                        |r: &Reading| names.iter().cloned().zip(r.attributes.clone()).collect();
-                    ImageReadings {
-                        prompt: prompt.clone(),
-                        seed: first_seed + i as u64,
-                        original: named(&read_orig[i]),
-                        erased: named(&read_erased[i]),
-                    }
+                .map(|(i, prompt)| ImageReadings {
+                    prompt: prompt.clone(),
+                    seed: first_seed + i as u64,
+                    original: named(&read_orig[i]),
+                    erased: named(&read_erased[i]),
                 })
                 .collect(),
         }

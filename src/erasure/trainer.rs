@@ -485,16 +485,13 @@ impl<'a> ErasureTrainer<'a> {
         else {
             return Ok(None);
         };
-        let (mut batches, mut images, mut reference) = (vec![], vec![], None);
-        for (trajectories, decoded) in sampled {
-            match decoded {
-                Some(decoded) => {
-                    images.push(decoded);
-                    batches.push(trajectories);
-                }
-                None => reference = Some(trajectories),
-            }
+        let (mut batches, mut images) = (vec![], vec![]);
+        let mut sampled = sampled.into_iter();
+        for (trajectories, decoded) in sampled.by_ref().take(requests.len()) {
+            images.push(decoded.expect("adapter batches are decoded"));
+            batches.push(trajectories);
         }
+        let reference = sampled.next().map(|(trajectories, _)| trajectories);
         let anchors = if c.anchor_weight > 0.0 {
             batches
                 .iter()
@@ -645,7 +642,7 @@ impl<'a> ErasureTrainer<'a> {
             for group in split_evenly(&passes, groups) {
                 let mut accumulated = GradStore::default();
                 let mut taken = 0;
-                for together in group.chunks(rayon::current_num_threads().max(1)) {
+                for together in group.chunks(self.side_by_side()) {
                     if stop() {
                         self.restore(snapshot)?;
                         return Ok(false);
@@ -725,7 +722,7 @@ impl<'a> ErasureTrainer<'a> {
     }
 
     /// The epoch's batches through the adapter (with their decoded images) and the reference
-    /// batch through the original model, all at once on the pool's threads, in that order;
+    /// batch through the original model, [`Self::side_by_side`] at a time, in that order;
     /// `None` if `stop` interrupted them. Each batch's sampling depends only on its request.
     fn sample_side_by_side(
         &self,
@@ -739,25 +736,47 @@ impl<'a> ErasureTrainer<'a> {
             .map(|r| (Some(adapter), r))
             .chain(reference.map(|r| (None, r)))
             .collect();
-        let sampled: Vec<anyhow::Result<Option<_>>> = jobs
-            .par_iter()
-            .map(|&(adapter, request)| {
-                let Some(trajectories) = rollout::sample_until(sd, adapter, request, stop)? else {
-                    return Ok(None);
-                };
-                let images = adapter
-                    .is_some()
-                    .then(|| decode_images(sd, trajectories.final_latents()))
-                    .transpose()?;
-                Ok(Some((trajectories, images)))
-            })
-            .collect();
-        sampled.into_iter().collect()
+        let mut all = Vec::with_capacity(jobs.len());
+        for together in jobs.chunks(self.side_by_side()) {
+            let sampled: Vec<anyhow::Result<Option<SampledBatch>>> = together
+                .par_iter()
+                .map(|&(adapter, request)| {
+                    let Some(trajectories) = rollout::sample_until(sd, adapter, request, stop)?
+                    else {
+                        return Ok(None);
+                    };
+                    let images = adapter
+                        .is_some()
+                        .then(|| decode_images(sd, trajectories.final_latents()))
+                        .transpose()?;
+                    Ok(Some((trajectories, images)))
+                })
+                .collect();
+            for batch in sampled {
+                match batch? {
+                    Some(batch) => all.push(batch),
+                    None => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(all))
     }
 
-    /// The PPO passes `(step, batch)`, one per thread of the pool at once: a pass of a small
-    /// model is a chain of ops too small to keep every core busy, so whole passes run side by
-    /// side. Each pass's arithmetic does not depend on which thread runs it, and the caller
+    /// How many batches or passes run at once. A small model at a small size is a chain of
+    /// ops too small to keep every core busy, so whole batches and passes run side by side,
+    /// one per thread up to [`MAX_SIDE_BY_SIDE`] (each holds its own graph in memory); a
+    /// model large enough to fill the cores (and whose graphs take gigabytes) runs one at a
+    /// time.
+    fn side_by_side(&self) -> usize {
+        if self.size <= SIDE_BY_SIDE_MAX_PIXELS {
+            rayon::current_num_threads().clamp(1, MAX_SIDE_BY_SIDE)
+        } else {
+            1
+        }
+    }
+
+    /// The PPO passes `(step, batch)`, all at once on the pool's threads (the caller hands
+    /// [`Self::side_by_side`] of them). Each pass's arithmetic does not depend on which thread runs it, and the caller
     /// adds the gradients in pass order, so the result is the same as one pass after another.
     fn ppo_passes(
         &self,
@@ -900,6 +919,11 @@ struct EpochData<'e> {
     /// without the anchor term.
     anchors: &'e [Tensor],
 }
+
+/// Image side (pixels) up to which batches and passes run side by side.
+const SIDE_BY_SIDE_MAX_PIXELS: usize = 128;
+/// At most this many batches or passes at once (each keeps its own graph alive).
+const MAX_SIDE_BY_SIDE: usize = 4;
 
 /// A sampled batch, with its decoded images when it went through the adapter.
 type SampledBatch = (Trajectories, Option<Tensor>);
