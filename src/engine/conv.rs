@@ -14,7 +14,8 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::channel::add_bias;
-use super::cpu_kernels::{contiguous, matmul, with_floats};
+use super::cpu_kernels::{Real, contiguous, matmul, with_floats};
+use super::winograd::{Shape3x3, conv3x3};
 
 /// A convolution layer (dilation 1, one group), weights `[out, in, kh, kw]`, optional bias.
 #[derive(Debug, Clone)]
@@ -439,7 +440,25 @@ impl CustomOp2 for Im2ColConv {
     }
 }
 
-fn conv_forward<T: WithDType>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
+/// Maps of at least this many pixels go through Winograd's 3×3 convolution in the forward
+/// pass (the top of a VAE decoder); smaller ones keep im2col, so the demo model's numbers do
+/// not move.
+const WINOGRAD_MIN_PIXELS: usize = 128 * 128;
+
+fn conv_forward<T: Real>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
+    let winograd =
+        (g.kh, g.kw, g.stride, g.padding) == (3, 3, 1, 1) && g.h * g.w >= WINOGRAD_MIN_PIXELS;
+    if winograd {
+        let shape = Shape3x3 {
+            batch: g.batch,
+            c_in: g.c_in,
+            h: g.h,
+            w: g.w,
+            c_out: g.c_out,
+        };
+        let threads = gemm_parallelism(1).unwrap_or(Parallelism::None);
+        return conv3x3(shape, x, k, threads);
+    }
     let mut out = vec![T::zero(); g.batch * g.out_len()];
     let (patch, pixels) = (g.patch_len(), g.out_pixels());
     for_each_image(&mut out, g.batch, |b, out_b, par, scratch: &mut Vec<T>| {

@@ -52,6 +52,22 @@ pub unsafe fn matmul<T: WithDType>(
     rhs: MatRef<T>,
     parallelism: Parallelism,
 ) {
+    unsafe { matmul_into_rows((m, n, k), (dst, n), accumulate, lhs, rhs, parallelism) }
+}
+
+/// [`matmul`] into a row-major `dst` whose rows start `dst.1` elements apart.
+///
+/// # Safety
+/// The pointers must cover the matrices their strides describe.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_into_rows<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_row_stride): (*mut T, usize),
+    accumulate: bool,
+    lhs: MatRef<T>,
+    rhs: MatRef<T>,
+    parallelism: Parallelism,
+) {
     let one = T::from_f64(1.0);
     unsafe {
         gemm::gemm(
@@ -60,7 +76,7 @@ pub unsafe fn matmul<T: WithDType>(
             k,
             dst,
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.0,
             lhs.2 as isize,

@@ -29,5 +29,6 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+pub mod winograd;
 
 pub use model::{ModelSource, StableDiffusion};
