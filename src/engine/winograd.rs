@@ -82,6 +82,14 @@ fn transform_kernels<T: Real>(s: Shape3x3, kernel: &[T]) -> Vec<T> {
     u
 }
 
+/// The (tile row, tile column) of every tile in tile rows `rows`, in block order.
+fn tile_positions(
+    rows: std::ops::Range<usize>,
+    tiles_w: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    rows.flat_map(move |ty| (0..tiles_w).map(move |tx| (ty, tx)))
+}
+
 /// `Bᵀ d B` of the 4×4 input tiles (zero outside the image) of tile rows `rows`, as
 /// `v[c_in][16][tile]`, channels in parallel.
 fn transform_tiles<T: Real>(
@@ -102,11 +110,7 @@ fn transform_tiles<T: Real>(
                     channel[y as usize * s.w + x as usize]
                 }
             };
-            for (t, (ty, tx)) in rows
-                .clone()
-                .flat_map(|ty| (0..tiles_w).map(move |tx| (ty, tx)))
-                .enumerate()
-            {
+            for (t, (ty, tx)) in tile_positions(rows.clone(), tiles_w).enumerate() {
                 let (y0, x0) = (2 * ty as isize - 1, 2 * tx as isize - 1);
                 let inside = y0 >= 0 && x0 >= 0 && y0 + 4 <= s.h as isize && x0 + 4 <= s.w as isize;
                 let d: [[T; 4]; 4] = if inside {
@@ -153,11 +157,7 @@ fn untransform<T: Real>(
     out.par_chunks_mut(s.h * s.w)
         .zip(m.par_chunks(16 * tiles))
         .for_each(|(out, m)| {
-            for (t, (ty, tx)) in rows
-                .clone()
-                .flat_map(|ty| (0..tiles_w).map(move |tx| (ty, tx)))
-                .enumerate()
-            {
+            for (t, (ty, tx)) in tile_positions(rows.clone(), tiles_w).enumerate() {
                 let e = |i: usize| m[i * tiles + t];
                 // Aᵀ = [1 1 1 0; 0 1 −1 −1], on the rows then the columns.
                 let am = [
