@@ -18,10 +18,12 @@ Cases:
   demo_vae_decode_b4 the demo model's VAE decode of 4 latents of 16x16 (-> 64x64 images)
 
 Usage:
-  /work/venv/bin/python bench/torch_reference.py [--json] [--repeats N] [--only NAME[,NAME]]
+  /work/venv/bin/python bench/torch_reference.py [--json] [--repeats N] [--min-seconds S]
+                                               [--only NAME[,NAME]]
 
-Each case runs once as warm-up, then ``--repeats`` timed runs (default 3); the median is
-reported.  ``peak_rss_mib`` is the peak resident set size (getrusage) of a process that ran that
+Each case runs once as warm-up, then at least ``--repeats`` timed runs (default 3), and more
+until the timed runs add up to ``--min-seconds`` (default 2), as ``erasure-studio bench`` does;
+the median (the upper middle run of an even count, as there) is reported.  ``peak_rss_mib`` is the peak resident set size (getrusage) of a process that ran that
 case alone: with several cases, each runs in a child process, as ``erasure-studio bench`` does.
 """
 
@@ -31,7 +33,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -234,6 +235,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object per case and line")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per case after one warm-up (default 3)")
+    ap.add_argument("--min-seconds", type=float, default=2.0,
+                    help="more timed runs until they add up to this many seconds (default 2)")
     ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
     args = ap.parse_args()
 
@@ -251,32 +254,38 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, repeats={args.repeats}")
         print(f"{'case':24} {'median_s':>10} {'min_s':>10} {'peak_rss_mib':>13}")
     for name in names:
-        row = run_case(name, args.repeats) if len(names) == 1 else run_case_in_child(name, args.repeats)
+        if len(names) == 1:
+            row = run_case(name, args.repeats, args.min_seconds)
+        else:
+            row = run_case_in_child(name, args.repeats, args.min_seconds)
         if args.json:
             print(json.dumps(row), flush=True)
         else:
             print(f"{name:24} {row['median_s']:10.3f} {row['min_s']:10.3f} {row['peak_rss_mib']:13.1f}", flush=True)
 
 
-def run_case(name: str, repeats: int) -> dict:
+def run_case(name: str, repeats: int, min_seconds: float) -> dict:
     run = make_case(name)
     run()  # warm-up
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or sum(times) < min_seconds:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
+    times.sort()
     return {
         "name": name,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
+        "median_s": times[len(times) // 2],
+        "min_s": times[0],
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "runs": len(times),
     }
 
 
-def run_case_in_child(name: str, repeats: int) -> dict:
+def run_case_in_child(name: str, repeats: int, min_seconds: float) -> dict:
     """One case in a fresh process, so its peak RSS is its own (as the engine's bench does)."""
-    cmd = [sys.executable, __file__, "--json", "--only", name, "--repeats", str(repeats)]
+    cmd = [sys.executable, __file__, "--json", "--only", name, "--repeats", str(repeats),
+           "--min-seconds", str(min_seconds)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

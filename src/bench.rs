@@ -45,11 +45,21 @@ const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_p
 const VIT_L_TEXT: &str = r#"{"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
   "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_act": "quick_gelu"}"#;
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BenchResult {
     pub name: String,
     pub median_s: f64,
     pub peak_rss_mib: f64,
+    /// Timed runs the median was taken over.
+    pub runs: usize,
+}
+
+/// How long a case is timed: at least `repeats` runs, and more until the timed runs add up to
+/// `min_seconds`, so a case of a few milliseconds gets enough runs for a stable median.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub repeats: usize,
+    pub min_seconds: f64,
 }
 
 /// Random weights as plain tensors, like weights loaded from a file: no gradient tracking, so a
@@ -70,10 +80,10 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-/// Runs one case `repeats` times after a warm-up; the median wall time.
-pub fn run_case(name: &str, repeats: usize, device: &Device) -> anyhow::Result<BenchResult> {
+/// Runs one case after a warm-up as often as `timing` asks; the median wall time.
+pub fn run_case(name: &str, timing: Timing, device: &Device) -> anyhow::Result<BenchResult> {
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
-    let time = |job: &mut dyn FnMut() -> anyhow::Result<()>| measure(name, repeats, device, job);
+    let time = |job: &mut dyn FnMut() -> anyhow::Result<()>| measure(name, timing, device, job);
     match name {
         "text_encoder_b2" => {
             let cfg: ClipTextConfig = serde_json::from_str(VIT_L_TEXT)?;
@@ -197,16 +207,16 @@ fn demo_model(device: &Device) -> anyhow::Result<StableDiffusion> {
     StableDiffusion::load(&source, device, DType::F32)
 }
 
-/// Runs `job` once to warm up, then `repeats` timed times; the median wall time.
+/// Runs `job` once to warm up, then times it as often as `timing` asks; the median wall time.
 fn measure(
     name: &str,
-    repeats: usize,
+    timing: Timing,
     device: &Device,
     job: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<BenchResult> {
     job().with_context(|| format!("warm-up of {name}"))?;
-    let mut times = Vec::with_capacity(repeats);
-    for _ in 0..repeats.max(1) {
+    let mut times = Vec::with_capacity(timing.repeats);
+    while times.len() < timing.repeats.max(1) || times.iter().sum::<f64>() < timing.min_seconds {
         let start = Instant::now();
         job()?;
         device.synchronize()?;
@@ -217,6 +227,7 @@ fn measure(
         name: name.to_string(),
         median_s: times[times.len() / 2],
         peak_rss_mib: peak_rss_mib(),
+        runs: times.len(),
     })
 }
 

@@ -128,9 +128,12 @@ enum Commands {
         /// Print one JSON object per line.
         #[arg(long)]
         json: bool,
-        /// Timed runs per case after one warm-up.
+        /// Timed runs per case after one warm-up (at least).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// More timed runs until they add up to this many seconds, for short cases.
+        #[arg(long, default_value_t = 2.0)]
+        min_seconds: f64,
         /// Comma-separated case names (default: all).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
@@ -464,6 +467,7 @@ pub fn run() -> anyhow::Result<()> {
         Commands::Bench {
             json,
             repeats,
+            min_seconds,
             only,
             device,
             list,
@@ -477,19 +481,23 @@ pub fn run() -> anyhow::Result<()> {
             } else {
                 only
             };
+            let timing = bench::Timing {
+                repeats,
+                min_seconds,
+            };
             for case in &cases {
                 // Each case runs in its own process when there are several, so peak RSS is per case.
                 let result = if cases.len() == 1 {
-                    bench::run_case(case, repeats, &parse_device(&device)?)?
+                    bench::run_case(case, timing, &parse_device(&device)?)?
                 } else {
-                    run_case_in_child(case, repeats, &device)?
+                    run_case_in_child(case, timing, &device)?
                 };
                 if json {
                     println!("{}", serde_json::to_string(&result)?);
                 } else {
                     println!(
-                        "{:<22} median {:>8.3} s   peak RSS {:>8.0} MiB",
-                        result.name, result.median_s, result.peak_rss_mib
+                        "{:<22} median {:>8.3} s of {:>3} runs   peak RSS {:>8.0} MiB",
+                        result.name, result.median_s, result.runs, result.peak_rss_mib
                     );
                 }
             }
@@ -528,13 +536,14 @@ fn resolve_model(spec: Option<&str>) -> anyhow::Result<ModelSource> {
 
 fn run_case_in_child(
     case: &str,
-    repeats: usize,
+    timing: bench::Timing,
     device: &str,
 ) -> anyhow::Result<bench::BenchResult> {
     let exe = std::env::current_exe()?;
     let output = Command::new(exe)
         .args(["bench", "--json", "--only", case, "--device", device])
-        .args(["--repeats", &repeats.to_string()])
+        .args(["--repeats", &timing.repeats.to_string()])
+        .args(["--min-seconds", &timing.min_seconds.to_string()])
         .output()
         .context("starting a bench child process")?;
     if !output.status.success() {
@@ -545,12 +554,7 @@ fn run_case_in_child(
         );
     }
     let line = String::from_utf8(output.stdout)?;
-    let value: serde_json::Value = serde_json::from_str(line.trim())?;
-    Ok(bench::BenchResult {
-        name: case.to_string(),
-        median_s: value["median_s"].as_f64().context("median_s")?,
-        peak_rss_mib: value["peak_rss_mib"].as_f64().context("peak_rss_mib")?,
-    })
+    serde_json::from_str(line.trim()).with_context(|| format!("bench case {case} printed {line}"))
 }
 
 fn parse_device(spec: &str) -> anyhow::Result<Device> {

@@ -211,7 +211,8 @@ fn progress_is_reported_once_per_step() {
 }
 
 /// `bench --json` keeps its contract: one JSON object per case and line, with the case's name,
-/// a positive median and the process's peak RSS (each case in a process of its own).
+/// a positive median and the process's peak RSS (each case in a process of its own). A case of
+/// milliseconds is timed until its runs add up to `--min-seconds`.
 #[test]
 fn cli_bench_prints_one_json_object_per_case() {
     let cases = ["demo_unet_fwd_b8", "demo_vae_decode_b4"];
@@ -221,6 +222,8 @@ fn cli_bench_prints_one_json_object_per_case() {
             "--json",
             "--repeats",
             "1",
+            "--min-seconds",
+            "0.3",
             "--only",
             &cases.join(","),
         ])
@@ -241,6 +244,11 @@ fn cli_bench_prints_one_json_object_per_case() {
         assert_eq!(line["name"], case);
         assert!(line["median_s"].as_f64().unwrap() > 0.0, "{line}");
         assert!(line["peak_rss_mib"].as_f64().unwrap() > 1.0, "{line}");
+        let (runs, median) = (
+            line["runs"].as_f64().unwrap(),
+            line["median_s"].as_f64().unwrap(),
+        );
+        assert!(runs > 1.0 && runs * median * 2.0 > 0.3, "{line}");
     }
     // `--list` names every case (bench/compare.py takes them from it) and runs none.
     let listed = std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))
