@@ -28,7 +28,11 @@ pub fn conv3x3<T: Real>(s: Shape3x3, x: &[T], kernel: &[T], parallelism: Paralle
     let u = transform_kernels(s, kernel);
     let (tiles_h, tiles_w) = (s.h.div_ceil(2), s.w.div_ceil(2));
     let rows_per_block = TILES_PER_BLOCK.div_ceil(tiles_w).max(1);
+    let block_tiles = rows_per_block.min(tiles_h) * tiles_w;
     let mut out = vec![T::zero(); s.batch * s.c_out * s.h * s.w];
+    // Every block overwrites the part of these it uses, so they are allocated once.
+    let mut v_buffer = vec![T::zero(); s.c_in * 16 * block_tiles];
+    let mut m_buffer = vec![T::zero(); s.c_out * 16 * block_tiles];
     for (image, out) in x
         .chunks_exact(s.c_in * s.h * s.w)
         .zip(out.chunks_exact_mut(s.c_out * s.h * s.w))
@@ -36,9 +40,10 @@ pub fn conv3x3<T: Real>(s: Shape3x3, x: &[T], kernel: &[T], parallelism: Paralle
         for first_row in (0..tiles_h).step_by(rows_per_block) {
             let rows = first_row..(first_row + rows_per_block).min(tiles_h);
             let tiles = rows.len() * tiles_w;
-            let v = transform_tiles(s, image, rows.clone(), tiles);
+            let v = &mut v_buffer[..s.c_in * 16 * tiles];
+            transform_tiles(s, image, rows.clone(), v);
             // m[c_out][ξ][tile] = Σ_c u[c_out][c][ξ] · v[c][ξ][tile], one GEMM per ξ.
-            let mut m = vec![T::zero(); s.c_out * 16 * tiles];
+            let m = &mut m_buffer[..s.c_out * 16 * tiles];
             for xi in 0..16 {
                 unsafe {
                     matmul_into_rows(
@@ -51,7 +56,7 @@ pub fn conv3x3<T: Real>(s: Shape3x3, x: &[T], kernel: &[T], parallelism: Paralle
                     )
                 }
             }
-            untransform(s, &m, rows, tiles, out);
+            untransform(s, m, rows, tiles, out);
         }
     }
     out
@@ -82,67 +87,127 @@ fn transform_kernels<T: Real>(s: Shape3x3, kernel: &[T]) -> Vec<T> {
     u
 }
 
-/// The (tile row, tile column) of every tile in tile rows `rows`, in block order.
-fn tile_positions(
-    rows: std::ops::Range<usize>,
-    tiles_w: usize,
-) -> impl Iterator<Item = (usize, usize)> {
-    rows.flat_map(move |ty| (0..tiles_w).map(move |tx| (ty, tx)))
-}
-
-/// `Bᵀ d B` of the 4×4 input tiles (zero outside the image) of tile rows `rows`, as
+/// `Bᵀ d B` of the 4×4 input tiles (zero outside the image) of tile rows `rows` into
 /// `v[c_in][16][tile]`, channels in parallel.
-fn transform_tiles<T: Real>(
-    s: Shape3x3,
-    image: &[T],
-    rows: std::ops::Range<usize>,
-    tiles: usize,
-) -> Vec<T> {
-    let tiles_w = s.w.div_ceil(2);
-    let mut v = vec![T::zero(); s.c_in * 16 * tiles];
+fn transform_tiles<T: Real>(s: Shape3x3, image: &[T], rows: std::ops::Range<usize>, v: &mut [T]) {
+    let tiles = v.len() / (16 * s.c_in);
     v.par_chunks_mut(16 * tiles)
         .zip(image.par_chunks(s.h * s.w))
         .for_each(|(v, channel)| {
-            let at = |y: isize, x: isize| {
-                if y < 0 || x < 0 || y >= s.h as isize || x >= s.w as isize {
-                    T::zero()
-                } else {
-                    channel[y as usize * s.w + x as usize]
-                }
-            };
-            for (t, (ty, tx)) in tile_positions(rows.clone(), tiles_w).enumerate() {
-                let (y0, x0) = (2 * ty as isize - 1, 2 * tx as isize - 1);
-                let inside = y0 >= 0 && x0 >= 0 && y0 + 4 <= s.h as isize && x0 + 4 <= s.w as isize;
-                let d: [[T; 4]; 4] = if inside {
-                    // Most tiles: four plain row reads, no padding checks.
-                    let start = y0 as usize * s.w + x0 as usize;
-                    std::array::from_fn(|i| {
-                        let row = &channel[start + i * s.w..][..4];
-                        [row[0], row[1], row[2], row[3]]
-                    })
-                } else {
-                    std::array::from_fn(|i| {
-                        std::array::from_fn(|j| at(y0 + i as isize, x0 + j as isize))
-                    })
-                };
-                // Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], on the rows then the columns.
-                let mut bd = [[T::zero(); 4]; 4];
-                for j in 0..4 {
-                    bd[0][j] = d[0][j] - d[2][j];
-                    bd[1][j] = d[1][j] + d[2][j];
-                    bd[2][j] = d[2][j] - d[1][j];
-                    bd[3][j] = d[1][j] - d[3][j];
-                }
-                for (i, row) in bd.iter().enumerate() {
-                    let [a, b, c, e] = *row;
-                    v[(i * 4) * tiles + t] = a - c;
-                    v[(i * 4 + 1) * tiles + t] = b + c;
-                    v[(i * 4 + 2) * tiles + t] = c - b;
-                    v[(i * 4 + 3) * tiles + t] = b - e;
+            pulp::Arch::new().dispatch(InputTransform {
+                s,
+                channel,
+                rows: rows.clone(),
+                v,
+            })
+        });
+}
+
+/// One channel's input transform, a whole tile row at a time so that every step runs along
+/// contiguous slices (compiled for the best instruction set the CPU has).
+struct InputTransform<'a, T> {
+    s: Shape3x3,
+    channel: &'a [T],
+    rows: std::ops::Range<usize>,
+    /// `[16][tiles]` of this channel.
+    v: &'a mut [T],
+}
+
+impl<T: Real> pulp::WithSimd for InputTransform<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Self {
+            s,
+            channel,
+            rows,
+            v,
+        } = self;
+        let tiles_w = s.w.div_ceil(2);
+        let tiles = v.len() / 16;
+        let lane = tiles_w + 1;
+        // The 4 input rows of a tile row, their columns split by parity: `even[r][k]` is
+        // column 2k − 1 and `odd[r][k]` column 2k, so tile k spans even[k], odd[k], even[k+1],
+        // odd[k+1]; zero outside the image.
+        let (mut even, mut odd) = (vec![T::zero(); 4 * lane], vec![T::zero(); 4 * lane]);
+        // Bᵀ d on those rows, per parity.
+        let (mut b_even, mut b_odd) = (vec![T::zero(); 4 * lane], vec![T::zero(); 4 * lane]);
+        for (block_row, ty) in rows.enumerate() {
+            for (r, (even, odd)) in even
+                .chunks_exact_mut(lane)
+                .zip(odd.chunks_exact_mut(lane))
+                .enumerate()
+            {
+                let y = (2 * ty + r).checked_sub(1).filter(|&y| y < s.h);
+                split_columns(y.map(|y| &channel[y * s.w..][..s.w]), even, odd);
+            }
+            // Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1].
+            for (d, bd) in [(&even, &mut b_even), (&odd, &mut b_odd)] {
+                let [d0, d1, d2, d3] = four_rows(d, lane, 0, lane);
+                let [b0, b1, b2, b3] = four_rows_mut(bd, lane, 0, lane);
+                let ins = d0.iter().zip(d1).zip(d2).zip(d3);
+                let outs = b0.iter_mut().zip(b1.iter_mut()).zip(b2.iter_mut()).zip(b3);
+                for ((((b0, b1), b2), b3), (((&d0, &d1), &d2), &d3)) in outs.zip(ins) {
+                    *b0 = d0 - d2;
+                    *b1 = d1 + d2;
+                    *b2 = d2 - d1;
+                    *b3 = d1 - d3;
                 }
             }
-        });
-    v
+            // (Bᵀ d) B along each row, written to the 16 positions' rows of `v`.
+            let first_tile = block_row * tiles_w;
+            for (i, positions) in v.chunks_exact_mut(4 * tiles).enumerate() {
+                let (e0, e1) = (
+                    &b_even[i * lane..][..tiles_w],
+                    &b_even[i * lane + 1..][..tiles_w],
+                );
+                let (o0, o1) = (
+                    &b_odd[i * lane..][..tiles_w],
+                    &b_odd[i * lane + 1..][..tiles_w],
+                );
+                let [v0, v1, v2, v3] = four_rows_mut(positions, tiles, first_tile, tiles_w);
+                let ins = e0.iter().zip(e1).zip(o0).zip(o1);
+                let outs = v0.iter_mut().zip(v1.iter_mut()).zip(v2.iter_mut()).zip(v3);
+                for ((((v0, v1), v2), v3), (((&e0, &e1), &o0), &o1)) in outs.zip(ins) {
+                    *v0 = e0 - e1;
+                    *v1 = o0 + e1;
+                    *v2 = e1 - o0;
+                    *v3 = o0 - o1;
+                }
+            }
+        }
+    }
+}
+
+/// Image row `row` (or zeros, above or below the image) split into `even[k]` = column 2k − 1
+/// and `odd[k]` = column 2k, zero outside the image.
+#[inline(always)]
+fn split_columns<T: Real>(row: Option<&[T]>, even: &mut [T], odd: &mut [T]) {
+    even.fill(T::zero());
+    odd.fill(T::zero());
+    let Some(row) = row else { return };
+    let pairs = row.chunks_exact(2);
+    if let [last] = pairs.remainder() {
+        odd[row.len() / 2] = *last;
+    }
+    for ((pair, o), e) in pairs.zip(odd.iter_mut()).zip(&mut even[1..]) {
+        *o = pair[0];
+        *e = pair[1];
+    }
+}
+
+/// `buf[r·stride + start..][..len]` for rows r = 0..4.
+#[inline(always)]
+fn four_rows<T>(buf: &[T], stride: usize, start: usize, len: usize) -> [&[T]; 4] {
+    std::array::from_fn(|r| &buf[r * stride + start..][..len])
+}
+
+/// `buf[r·stride + start..][..len]` for rows r = 0..4, mutably.
+#[inline(always)]
+fn four_rows_mut<T>(buf: &mut [T], stride: usize, start: usize, len: usize) -> [&mut [T]; 4] {
+    let mut rows = buf.chunks_exact_mut(stride).map(|r| &mut r[start..][..len]);
+    std::array::from_fn(|_| rows.next().expect("four rows"))
 }
 
 /// `Aᵀ m A` of every tile into its 2×2 output block, output channels in parallel.
@@ -153,33 +218,76 @@ fn untransform<T: Real>(
     tiles: usize,
     out: &mut [T],
 ) {
-    let tiles_w = s.w.div_ceil(2);
     out.par_chunks_mut(s.h * s.w)
         .zip(m.par_chunks(16 * tiles))
         .for_each(|(out, m)| {
-            for (t, (ty, tx)) in tile_positions(rows.clone(), tiles_w).enumerate() {
-                let e = |i: usize| m[i * tiles + t];
-                // Aᵀ = [1 1 1 0; 0 1 −1 −1], on the rows then the columns.
-                let am = [
-                    std::array::from_fn::<T, 4, _>(|j| e(j) + e(4 + j) + e(8 + j)),
-                    std::array::from_fn::<T, 4, _>(|j| e(4 + j) - e(8 + j) - e(12 + j)),
-                ];
-                for (i, row) in am.iter().enumerate() {
-                    let y = 2 * ty + i;
-                    if y >= s.h {
-                        continue;
-                    }
-                    let [a, b, c, d] = *row;
-                    let pair = [a + b + c, b - c - d];
-                    for (j, &value) in pair.iter().enumerate() {
-                        let x = 2 * tx + j;
-                        if x < s.w {
-                            out[y * s.w + x] = value;
-                        }
-                    }
+            pulp::Arch::new().dispatch(OutputTransform {
+                s,
+                m,
+                rows: rows.clone(),
+                out,
+            })
+        });
+}
+
+/// One output channel's transform back, a whole tile row at a time (compiled for the best
+/// instruction set the CPU has).
+struct OutputTransform<'a, T> {
+    s: Shape3x3,
+    /// `[16][tiles]` of this channel.
+    m: &'a [T],
+    rows: std::ops::Range<usize>,
+    /// `[h][w]` of this channel.
+    out: &'a mut [T],
+}
+
+impl<T: Real> pulp::WithSimd for OutputTransform<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Self { s, m, rows, out } = self;
+        let tiles_w = s.w.div_ceil(2);
+        let tiles = m.len() / 16;
+        // Aᵀ m of a tile row, per column j of m: its first row in `top[j]`, its second in
+        // `bottom[j]`.
+        let (mut top, mut bottom) = (vec![T::zero(); 4 * tiles_w], vec![T::zero(); 4 * tiles_w]);
+        for (block_row, ty) in rows.enumerate() {
+            let e = |xi: usize| &m[xi * tiles + block_row * tiles_w..][..tiles_w];
+            let columns = top
+                .chunks_exact_mut(tiles_w)
+                .zip(bottom.chunks_exact_mut(tiles_w));
+            // Aᵀ = [1 1 1 0; 0 1 −1 −1].
+            for (j, (top, bottom)) in columns.enumerate() {
+                let rows = e(j).iter().zip(e(4 + j)).zip(e(8 + j)).zip(e(12 + j));
+                for ((t, b), (((&m0, &m1), &m2), &m3)) in top.iter_mut().zip(bottom).zip(rows) {
+                    *t = m0 + m1 + m2;
+                    *b = m1 - m2 - m3;
                 }
             }
-        });
+            let y = 2 * ty;
+            untransform_row(&top, tiles_w, &mut out[y * s.w..][..s.w]);
+            if y + 1 < s.h {
+                untransform_row(&bottom, tiles_w, &mut out[(y + 1) * s.w..][..s.w]);
+            }
+        }
+    }
+}
+
+/// `(Aᵀ m) A` along one output row: `x` holds Aᵀ m's columns 0..4, `tiles_w` long each; tile k
+/// writes columns 2k and 2k + 1 (as far as `row` reaches).
+#[inline(always)]
+fn untransform_row<T: Real>(x: &[T], tiles_w: usize, row: &mut [T]) {
+    let [x0, x1, x2, x3] = four_rows(x, tiles_w, 0, tiles_w);
+    let mut pairs = row.chunks_exact_mut(2);
+    for (pair, (((&a, &b), &c), &d)) in (&mut pairs).zip(x0.iter().zip(x1).zip(x2).zip(x3)) {
+        pair[0] = a + b + c;
+        pair[1] = b - c - d;
+    }
+    if let [last] = pairs.into_remainder() {
+        let k = tiles_w - 1;
+        *last = x0[k] + x1[k] + x2[k];
+    }
 }
 
 #[cfg(test)]
@@ -222,7 +330,7 @@ mod tests {
             batch: 2,
             c_in: 3,
             h: 9,
-            w: 2 * TILES_PER_BLOCK / 3 + 1,
+            w: 2 * TILES_PER_BLOCK / 3 + 2,
             c_out: 2,
         };
         let mut state = 0x2545_f491_u64;
