@@ -215,6 +215,22 @@ impl Geometry {
         }
     }
 
+    /// Zeroes the columns of every output row in `col_row` that a column shift of `shift_x`
+    /// takes into the padding: a column or two per row, stored one by one (a `fill` per row
+    /// calls memset for each, a tenth of a small decoder's time).
+    fn zero_border<T: WithDType>(&self, col_row: &mut [T], shift_x: isize) {
+        if shift_x == 0 {
+            return;
+        }
+        for x in self.border_columns(shift_x) {
+            col_row
+                .iter_mut()
+                .skip(x)
+                .step_by(self.w)
+                .for_each(|v| *v = T::zero());
+        }
+    }
+
     /// im2col of one image `[c_in, h, w]` into `cols` `[patch_len, out_pixels]`.
     fn im2col<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
         if self.keeps_size() {
@@ -240,12 +256,7 @@ impl Geometry {
                 col_row[run.clone()].copy_from_slice(&channel[source..source + run.len()]);
             }
             // The run wraps around the row ends, where the kernel reads padding.
-            if shift_x != 0 {
-                let border = self.border_columns(shift_x);
-                for out_row in col_row.chunks_exact_mut(self.w) {
-                    out_row[border.clone()].fill(T::zero());
-                }
-            }
+            self.zero_border(col_row, shift_x);
         }
     }
 
@@ -300,12 +311,7 @@ impl Geometry {
                 continue;
             }
             // Zeroed, the wrapped border entries add nothing where the run lands on them.
-            if shift_x != 0 {
-                let border = self.border_columns(shift_x);
-                for out_row in col_row.chunks_exact_mut(self.w) {
-                    out_row[border.clone()].fill(T::zero());
-                }
-            }
+            self.zero_border(col_row, shift_x);
             let target = (run.start as isize + offset) as usize;
             for (t, &v) in channel[target..target + run.len()]
                 .iter_mut()
@@ -351,12 +357,12 @@ fn gemm_parallelism(batch: usize) -> Option<Parallelism> {
 
 /// Runs `f(image index, output chunk, GEMM parallelism, scratch)` over `out` split into
 /// `batch` chunks, in parallel across images when there are at least as many as threads. The
-/// scratch buffer is reused from image to image within a task (about one per thread), so it
-/// is allocated and zeroed a few times per call rather than once per image.
-fn for_each_image<T: Send, S: Default + Send>(
+/// scratch buffer is the thread's [kept scratch](take_scratch), reused from image to image and
+/// from call to call.
+fn for_each_image<T: Send + 'static>(
     out: &mut [T],
     batch: usize,
-    f: impl Fn(usize, &mut [T], Parallelism, &mut S) + Sync,
+    f: impl Fn(usize, &mut [T], Parallelism, &mut Vec<T>) + Sync,
 ) {
     let chunk = out.len() / batch.max(1);
     if chunk == 0 {
@@ -364,17 +370,47 @@ fn for_each_image<T: Send, S: Default + Send>(
     }
     match gemm_parallelism(batch) {
         Some(inner) => {
-            let mut scratch = S::default();
+            let mut scratch = KeptScratch(take_scratch());
             for (b, o) in out.chunks_exact_mut(chunk).enumerate() {
-                f(b, o, inner, &mut scratch);
+                f(b, o, inner, &mut scratch.0);
             }
         }
-        None => out
-            .par_chunks_exact_mut(chunk)
-            .enumerate()
-            .for_each_init(S::default, |scratch, (b, o)| {
-                f(b, o, Parallelism::None, scratch)
-            }),
+        None => out.par_chunks_exact_mut(chunk).enumerate().for_each_init(
+            || KeptScratch(take_scratch()),
+            |scratch, (b, o)| f(b, o, Parallelism::None, &mut scratch.0),
+        ),
+    }
+}
+
+/// The most scratch memory a thread keeps between convolutions: enough for a small model's
+/// im2col matrices, whose allocation and zeroing on every call took a tenth of a demo decode;
+/// a large model's are allocated per call, where the GEMM dwarfs that.
+const KEPT_SCRATCH_BYTES: usize = 16 << 20;
+
+thread_local! {
+    static KEPT_SCRATCH: std::cell::RefCell<Option<Box<dyn std::any::Any>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The thread's kept scratch buffer of element type `T` (empty if it has none). It is taken
+/// out, not borrowed, so a task that rayon runs on this thread while the GEMM waits gets a
+/// buffer of its own.
+fn take_scratch<T: 'static>() -> Vec<T> {
+    KEPT_SCRATCH
+        .with(|kept| kept.borrow_mut().take())
+        .and_then(|any| any.downcast::<Vec<T>>().ok())
+        .map_or_else(Vec::new, |v| *v)
+}
+
+/// Gives a scratch buffer back to the thread it is dropped on, if it is small enough to keep.
+struct KeptScratch<T: 'static>(Vec<T>);
+
+impl<T: 'static> Drop for KeptScratch<T> {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.0);
+        if buffer.capacity() * std::mem::size_of::<T>() <= KEPT_SCRATCH_BYTES {
+            KEPT_SCRATCH.with(|kept| *kept.borrow_mut() = Some(Box::new(buffer)));
+        }
     }
 }
 
