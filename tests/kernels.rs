@@ -95,8 +95,16 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
 #[test]
 fn per_channel_ops_match_broadcasting() {
     let mut rng = NoiseStream::new(8);
-    // NCHW channels (axis 1) and token features (last axis).
-    for (dims, axis) in [(vec![3, 4, 5, 2], 1), (vec![2, 3, 6], 2), (vec![7, 5], 1)] {
+    // NCHW channels (axis 1) and token features (last axis); the last two span several
+    // parallel tasks, the last of them shorter.
+    let cases = [
+        (vec![3, 4, 5, 2], 1),
+        (vec![2, 3, 6], 2),
+        (vec![7, 5], 1),
+        (vec![40, 30, 20], 1),
+        (vec![700, 32], 1),
+    ];
+    for (dims, axis) in cases {
         let c = dims[axis];
         let mut along = vec![1; dims.len()];
         along[axis] = c;
