@@ -1,5 +1,5 @@
 """Runs the engine's bench and the PyTorch reference case by case, alternating, and prints the
-ratios (engine / PyTorch) as a Markdown table, as BENCHMARKS.md gives them.
+ratios (engine / PyTorch) as a Markdown table (BENCHMARKS.md's latest tables are its output).
 
 Each case runs in rounds: engine, PyTorch, engine, PyTorch, ... (`--rounds`, default 3), each a
 process of its own that times the case at least `--repeats` times and until its timed runs add

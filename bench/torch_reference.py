@@ -251,8 +251,9 @@ def main() -> None:
     torch.manual_seed(0)
 
     if not args.json:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, repeats={args.repeats}")
-        print(f"{'case':24} {'median_s':>10} {'min_s':>10} {'peak_rss_mib':>13}")
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
+              f"repeats>={args.repeats}, min_seconds={args.min_seconds}")
+        print(f"{'case':24} {'median_s':>10} {'min_s':>10} {'runs':>5} {'peak_rss_mib':>13}")
     for name in names:
         if len(names) == 1:
             row = run_case(name, args.repeats, args.min_seconds)
@@ -261,7 +262,8 @@ def main() -> None:
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"{name:24} {row['median_s']:10.3f} {row['min_s']:10.3f} {row['peak_rss_mib']:13.1f}", flush=True)
+            print(f"{name:24} {row['median_s']:10.3f} {row['min_s']:10.3f} {row['runs']:5d} "
+                  f"{row['peak_rss_mib']:13.1f}", flush=True)
 
 
 def run_case(name: str, repeats: int, min_seconds: float) -> dict:

@@ -248,7 +248,8 @@ fn cli_bench_prints_one_json_object_per_case() {
             line["runs"].as_f64().unwrap(),
             line["median_s"].as_f64().unwrap(),
         );
-        assert!(runs > 1.0 && runs * median * 2.0 > 0.3, "{line}");
+        // One run is enough only if it alone took the 0.3 s.
+        assert!(runs >= 2.0 || median >= 0.3, "{line}");
     }
     // `--list` names every case (bench/compare.py takes them from it) and runs none.
     let listed = std::process::Command::new(env!("CARGO_BIN_EXE_erasure-studio"))

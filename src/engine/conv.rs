@@ -241,8 +241,8 @@ impl Geometry {
     }
 
     /// [`im2col`](Self::im2col) of a size-keeping convolution: a contiguous run per row of
-    /// `cols`, then the wrapped border columns zeroed (a call per output row is what dominates
-    /// at the small sizes of the demo model).
+    /// `cols`, then the wrapped border columns zeroed (copying output row by output row took
+    /// three calls per row, which dominated at the small sizes of the demo model).
     fn im2col_shifted<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
         let (pixels, channel_len) = (self.out_pixels(), self.h * self.w);
         for (row, col_row) in cols.chunks_exact_mut(pixels).enumerate() {
