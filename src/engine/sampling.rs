@@ -71,9 +71,13 @@ impl Upsample {
 
 /// Nearest-neighbour resize of [B, C, H, W] to any size, as torch's `interpolate(mode="nearest")`
 /// (source index ⌊i·in/out⌋). Built on `index_select`, whose backward handles every ratio
-/// (candle's `upsample_nearest2d` backward only handles integer factors).
+/// (candle's `upsample_nearest2d` backward only handles integer factors). Without a graph to
+/// record, integer factors take candle's one-pass resize, which picks the same source pixels.
 pub fn upsample_nearest(x: &Tensor, height: usize, width: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
+    if !x.track_op() && height % h == 0 && width % w == 0 {
+        return x.upsample_nearest2d(height, width);
+    }
     let index = |from: usize, to: usize| -> Result<Tensor> {
         let idx: Vec<u32> = (0..to)
             .map(|i| ((i * from) / to).min(from - 1) as u32)
@@ -95,16 +99,15 @@ mod tests {
             .unwrap()
             .reshape((1, 1, 2, 3))
             .unwrap();
-        let doubled = upsample_nearest(&x, 4, 6).unwrap();
+        // Integer factors: the graph-recording path (index_select) and the one-pass path agree.
+        let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let tracked = candle_core::Var::from_tensor(&x).unwrap();
+        let doubled = values(upsample_nearest(&x, 4, 6).unwrap());
         assert_eq!(
-            doubled.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            x.upsample_nearest2d(4, 6)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
+            doubled,
+            values(upsample_nearest(tracked.as_tensor(), 4, 6).unwrap())
         );
+        assert_eq!(doubled[..6], [0., 0., 1., 1., 2., 2.]);
         // torch: index ⌊i·3/5⌋ = 0, 0, 1, 1, 2.
         let odd = upsample_nearest(&x, 2, 5).unwrap();
         assert_eq!(
