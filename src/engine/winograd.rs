@@ -56,7 +56,7 @@ pub fn conv3x3<T: Real>(s: Shape3x3, x: &[T], kernel: &[T], parallelism: Paralle
                     )
                 }
             }
-            untransform(s, m, rows, tiles, out);
+            untransform(s, m, rows, out);
         }
     }
     out
@@ -64,24 +64,16 @@ pub fn conv3x3<T: Real>(s: Shape3x3, x: &[T], kernel: &[T], parallelism: Paralle
 
 /// `G g Gᵀ` of every 3×3 kernel, as `u[c_out][c_in][16]`.
 fn transform_kernels<T: Real>(s: Shape3x3, kernel: &[T]) -> Vec<T> {
+    // G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1] applied to three values.
     let half = T::from_f64(0.5);
+    let g_times = |a: T, b: T, c: T| [a, (a + b + c) * half, (a - b + c) * half, c];
     let mut u = vec![T::zero(); s.c_out * s.c_in * 16];
     for (g, u) in kernel.chunks_exact(9).zip(u.chunks_exact_mut(16)) {
-        // G g: 4×3, G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1].
-        let mut gg = [[T::zero(); 3]; 4];
-        for j in 0..3 {
-            let (a, b, c) = (g[j], g[3 + j], g[6 + j]);
-            gg[0][j] = a;
-            gg[1][j] = (a + b + c) * half;
-            gg[2][j] = (a - b + c) * half;
-            gg[3][j] = c;
-        }
-        for (i, row) in gg.iter().enumerate() {
-            let [a, b, c] = *row;
-            u[i * 4] = a;
-            u[i * 4 + 1] = (a + b + c) * half;
-            u[i * 4 + 2] = (a - b + c) * half;
-            u[i * 4 + 3] = c;
+        // G g, 4×3: G applied to each column of g.
+        let columns: [[T; 4]; 3] = std::array::from_fn(|j| g_times(g[j], g[3 + j], g[6 + j]));
+        // (G g) Gᵀ: G applied to each row of G g.
+        for (i, row) in u.chunks_exact_mut(4).enumerate() {
+            row.copy_from_slice(&g_times(columns[0][i], columns[1][i], columns[2][i]));
         }
     }
     u
@@ -211,13 +203,8 @@ fn four_rows_mut<T>(buf: &mut [T], stride: usize, start: usize, len: usize) -> [
 }
 
 /// `Aᵀ m A` of every tile into its 2×2 output block, output channels in parallel.
-fn untransform<T: Real>(
-    s: Shape3x3,
-    m: &[T],
-    rows: std::ops::Range<usize>,
-    tiles: usize,
-    out: &mut [T],
-) {
+fn untransform<T: Real>(s: Shape3x3, m: &[T], rows: std::ops::Range<usize>, out: &mut [T]) {
+    let tiles = m.len() / (16 * s.c_out);
     out.par_chunks_mut(s.h * s.w)
         .zip(m.par_chunks(16 * tiles))
         .for_each(|(out, m)| {

@@ -776,8 +776,9 @@ impl<'a> ErasureTrainer<'a> {
     }
 
     /// The PPO passes `(step, batch)`, all at once on the pool's threads (the caller hands
-    /// [`Self::side_by_side`] of them). Each pass's arithmetic does not depend on which thread runs it, and the caller
-    /// adds the gradients in pass order, so the result is the same as one pass after another.
+    /// [`Self::side_by_side`] of them). Each pass's arithmetic does not depend on which thread
+    /// runs it, and the caller adds the gradients in pass order, so the result is the same as
+    /// one pass after another.
     fn ppo_passes(
         &self,
         data: &EpochData,
