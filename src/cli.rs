@@ -220,7 +220,16 @@ pub fn run() -> anyhow::Result<()> {
         device: "cpu".into(),
     });
     match command {
-        Commands::Studio { device } => erasure_studio::studio::app::run(parse_device(&device)?)?,
+        // The window stays on the main thread; its worker runs each job on the pool.
+        Commands::Studio { device } => erasure_studio::studio::app::run(parse_device(&device)?),
+        command => erasure_studio::threads::on_pool(|| run_command(command)),
+    }
+}
+
+/// Every command but the studio's.
+fn run_command(command: Commands) -> anyhow::Result<()> {
+    match command {
+        Commands::Studio { .. } => unreachable!("the studio runs on the main thread"),
         Commands::Generate {
             model,
             prompt,

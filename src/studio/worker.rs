@@ -300,7 +300,7 @@ impl Worker {
             self.interrupt
                 .store(Interrupt::None as u8, Ordering::SeqCst);
             self.events.send(Event::Busy(Some(describe(&command))));
-            if let Err(e) = self.run(command) {
+            if let Err(e) = crate::threads::on_pool(|| self.run(command)) {
                 self.events.send(Event::Error(format!("{e:#}")));
             }
             self.events.send(Event::Busy(None));
