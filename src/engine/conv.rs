@@ -6,6 +6,8 @@
 //! convolution whose "kernel" is the whole output image, which the tiled im2col handles with
 //! GEMMs nine columns wide. Other devices and dtypes use candle's convolution (cuDNN on CUDA).
 
+use std::ops::Range;
+
 use candle_core::{
     CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, WithDType, bail,
 };
@@ -14,7 +16,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::channel::add_bias;
-use super::cpu_kernels::{Real, contiguous, matmul, with_floats};
+use super::cpu_kernels::{Real, contiguous, matmul, matmul_into_rows, with_floats};
 use super::winograd::{Shape3x3, conv3x3};
 
 /// A convolution layer (dilation 1, one group), weights `[out, in, kh, kw]`, optional bias.
@@ -165,7 +167,7 @@ impl Geometry {
 
     /// For kernel column `kx`: the outputs of a row that read the input (the rest read
     /// padding), and the input column of the first of them.
-    fn valid_columns(&self, kx: usize) -> (std::ops::Range<usize>, usize) {
+    fn valid_columns(&self, kx: usize) -> (Range<usize>, usize) {
         let s = self.stride;
         let first = self.padding.saturating_sub(kx).div_ceil(s);
         let end = (self.w + self.padding)
@@ -176,15 +178,50 @@ impl Geometry {
         (first..end, (first * s + kx).saturating_sub(self.padding))
     }
 
-    /// One image's im2col matrix `[patch_len, out_pixels]`: the image itself for a pointwise
-    /// convolution, otherwise built in `scratch` (reused across calls).
-    fn columns<'a, T: WithDType>(&self, image: &'a [T], scratch: &'a mut Vec<T>) -> &'a [T] {
+    /// The im2col matrix `[patch_len, rows.len() × out_w]` of one image's output rows `rows`,
+    /// with its row stride: the image itself for a pointwise convolution (rows a channel
+    /// apart), otherwise built in `scratch` (reused across calls).
+    fn columns<'a, T: WithDType>(
+        &self,
+        image: &'a [T],
+        rows: Range<usize>,
+        scratch: &'a mut Vec<T>,
+    ) -> (&'a [T], usize) {
         if self.is_pointwise() {
-            return image;
+            return (&image[rows.start * self.out_w..], self.out_pixels());
         }
-        scratch.resize(self.patch_len() * self.out_pixels(), T::zero());
-        self.im2col(image, scratch);
-        scratch
+        let block_pixels = rows.len() * self.out_w;
+        scratch.resize(self.patch_len() * block_pixels, T::zero());
+        self.im2col(image, rows, scratch);
+        (scratch, block_pixels)
+    }
+
+    /// The output rows of the blocks the forward pass builds an im2col matrix for and
+    /// multiplies in turn, each block's matrix about `block_bytes`: the GEMM then
+    /// reads a matrix im2col has just written to cache, not one evicted to memory (a demo
+    /// decode: a quarter less time). gemm packs the kernel again for every block, so a kernel
+    /// larger than a block (Stable Diffusion's 320–1280 channels) keeps one block, as does a
+    /// pointwise convolution, which reads its image in place.
+    ///
+    /// Every block is at least [`MIN_BLOCK_PIXELS`] wide: gemm blocks the inner dimension
+    /// differently for products of at most 64 rows and 64 columns, and wider blocks give the
+    /// same result, bit for bit, as one GEMM over the whole image.
+    fn forward_row_blocks<T>(
+        &self,
+        block_bytes: usize,
+    ) -> impl Iterator<Item = Range<usize>> + use<T> {
+        let patch_bytes = self.patch_len() * std::mem::size_of::<T>();
+        let rows =
+            (block_bytes / (patch_bytes * self.out_w)).max(MIN_BLOCK_PIXELS.div_ceil(self.out_w));
+        let kernel_bytes = self.c_out * patch_bytes;
+        let out_h = self.out_h;
+        let blocks = if self.is_pointwise() || kernel_bytes > block_bytes {
+            1
+        } else {
+            (out_h / rows).max(1)
+        };
+        // Rows shared out evenly: no block is left narrower than `rows`.
+        (0..blocks).map(move |i| i * out_h / blocks..(i + 1) * out_h / blocks)
     }
 
     /// A stride-1 convolution whose output is the input's size (a 3×3 kernel with padding 1):
@@ -196,7 +233,7 @@ impl Geometry {
     /// For a size-keeping convolution: how far im2col row `(ky, kx)` reads ahead of its
     /// output in the flattened channel (negative: behind), the column shift alone, and the
     /// part of the row `[out_pixels]` the contiguous run covers (the rest is padding).
-    fn shifted_run(&self, ky: usize, kx: usize) -> (isize, isize, std::ops::Range<usize>) {
+    fn shifted_run(&self, ky: usize, kx: usize) -> (isize, isize, Range<usize>) {
         let (w, len) = (self.w as isize, (self.h * self.w) as isize);
         let shift_x = kx as isize - self.padding as isize;
         let offset = (ky as isize - self.padding as isize) * w + shift_x;
@@ -206,7 +243,7 @@ impl Geometry {
     }
 
     /// The columns of an output row that a column shift of `shift_x` takes into the padding.
-    fn border_columns(&self, shift_x: isize) -> std::ops::Range<usize> {
+    fn border_columns(&self, shift_x: isize) -> Range<usize> {
         let w = self.w;
         if shift_x < 0 {
             0..(shift_x.unsigned_abs()).min(w)
@@ -231,28 +268,33 @@ impl Geometry {
         }
     }
 
-    /// im2col of one image `[c_in, h, w]` into `cols` `[patch_len, out_pixels]`.
-    fn im2col<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
+    /// im2col of output rows `rows` of one image `[c_in, h, w]` into `cols`
+    /// `[patch_len, rows.len() × out_w]`.
+    fn im2col<T: WithDType>(&self, image: &[T], rows: Range<usize>, cols: &mut [T]) {
         if self.keeps_size() {
-            self.im2col_shifted(image, cols)
+            self.im2col_shifted(image, rows, cols)
         } else {
-            self.im2col_by_rows(image, cols)
+            self.im2col_by_rows(image, rows, cols)
         }
     }
 
     /// [`im2col`](Self::im2col) of a size-keeping convolution: a contiguous run per row of
     /// `cols`, then the wrapped border columns zeroed (copying output row by output row took
     /// three calls per row, which dominated at the small sizes of the demo model).
-    fn im2col_shifted<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
-        let (pixels, channel_len) = (self.out_pixels(), self.h * self.w);
-        for (row, col_row) in cols.chunks_exact_mut(pixels).enumerate() {
+    fn im2col_shifted<T: WithDType>(&self, image: &[T], rows: Range<usize>, cols: &mut [T]) {
+        let channel_len = self.h * self.w;
+        // The block's pixels, in the flattened output (a size-keeping output row is `w` long).
+        let (first, end) = (rows.start * self.w, rows.end * self.w);
+        for (row, col_row) in cols.chunks_exact_mut(end - first).enumerate() {
             let (c, ky, kx) = self.patch_row(row);
             let channel = &image[c * channel_len..(c + 1) * channel_len];
             let (offset, shift_x, run) = self.shifted_run(ky, kx);
+            let run = run.start.clamp(first, end) - first..run.end.clamp(first, end) - first;
             col_row[..run.start].fill(T::zero());
             col_row[run.end..].fill(T::zero());
             if !run.is_empty() {
-                let source = (run.start as isize + offset) as usize;
+                let source = (first + run.start) as isize + offset;
+                let source = source as usize;
                 col_row[run.clone()].copy_from_slice(&channel[source..source + run.len()]);
             }
             // The run wraps around the row ends, where the kernel reads padding.
@@ -261,13 +303,13 @@ impl Geometry {
     }
 
     /// [`im2col`](Self::im2col) of any convolution, output row by output row.
-    fn im2col_by_rows<T: WithDType>(&self, image: &[T], cols: &mut [T]) {
-        let pixels = self.out_pixels();
-        for (row, col_row) in cols.chunks_exact_mut(pixels).enumerate() {
+    fn im2col_by_rows<T: WithDType>(&self, image: &[T], rows: Range<usize>, cols: &mut [T]) {
+        let block_pixels = rows.len() * self.out_w;
+        for (row, col_row) in cols.chunks_exact_mut(block_pixels).enumerate() {
             let (c, ky, kx) = self.patch_row(row);
             let channel = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
             let (valid, ix0) = self.valid_columns(kx);
-            for (oy, out_row) in col_row.chunks_exact_mut(self.out_w).enumerate() {
+            for (oy, out_row) in rows.clone().zip(col_row.chunks_exact_mut(self.out_w)) {
                 let iy = self.source(oy, ky, self.h).filter(|_| !valid.is_empty());
                 let Some(iy) = iy else {
                     out_row.fill(T::zero());
@@ -481,6 +523,15 @@ impl CustomOp2 for Im2ColConv {
 /// not move.
 const WINOGRAD_MIN_PIXELS: usize = 128 * 128;
 
+/// The largest im2col block of the forward pass: half of a 1 MiB L2 cache, so that the block
+/// stays there between im2col and the GEMM.
+const FORWARD_BLOCK_BYTES: usize = 512 << 10;
+
+/// The narrowest im2col block of the forward pass, in output pixels: well above the 64
+/// columns where gemm's blocking changes, and a whole 16×16 map (a demo UNet's largest), so a
+/// block never holds too few columns to keep the GEMM busy.
+const MIN_BLOCK_PIXELS: usize = 256;
+
 fn conv_forward<T: Real>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
     let winograd =
         (g.kh, g.kw, g.stride, g.padding) == (3, 3, 1, 1) && g.h * g.w >= WINOGRAD_MIN_PIXELS;
@@ -495,20 +546,31 @@ fn conv_forward<T: Real>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
         let threads = gemm_parallelism(1).unwrap_or(Parallelism::None);
         return conv3x3(shape, x, k, threads);
     }
+    im2col_forward(g, x, k, FORWARD_BLOCK_BYTES)
+}
+
+/// The forward pass by im2col and GEMM, in blocks of output rows whose im2col matrices take
+/// about `block_bytes`.
+fn im2col_forward<T: Real>(g: &Geometry, x: &[T], k: &[T], block_bytes: usize) -> Vec<T> {
     let mut out = vec![T::zero(); g.batch * g.out_len()];
     let (patch, pixels) = (g.patch_len(), g.out_pixels());
     for_each_image(&mut out, g.batch, |b, out_b, par, scratch: &mut Vec<T>| {
-        let cols = g.columns(&x[b * g.in_len()..(b + 1) * g.in_len()], scratch);
-        // out_b[c_out × pixels] = kernel[c_out × patch] · cols[patch × pixels]
-        unsafe {
-            matmul(
-                (g.c_out, pixels, patch),
-                out_b.as_mut_ptr(),
-                false,
-                (k.as_ptr(), patch, 1),
-                (cols.as_ptr(), pixels, 1),
-                par,
-            )
+        let image = &x[b * g.in_len()..(b + 1) * g.in_len()];
+        for rows in g.forward_row_blocks::<T>(block_bytes) {
+            let block_pixels = rows.len() * g.out_w;
+            let first = rows.start * g.out_w;
+            let (cols, cols_stride) = g.columns(image, rows, scratch);
+            // out_b[c_out × block] = kernel[c_out × patch] · cols[patch × block]
+            unsafe {
+                matmul_into_rows(
+                    (g.c_out, block_pixels, patch),
+                    (out_b.as_mut_ptr().add(first), pixels),
+                    false,
+                    (k.as_ptr(), patch, 1),
+                    (cols.as_ptr(), cols_stride, 1),
+                    par,
+                )
+            }
         }
     });
     out
@@ -630,7 +692,8 @@ fn kernel_grad<T: WithDType>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
         |part, acc, par, scratch: &mut Vec<T>| {
             let first = part * images_per_part;
             for (i, b) in (first..(first + images_per_part).min(g.batch)).enumerate() {
-                let cols = g.columns(&x[b * g.in_len()..(b + 1) * g.in_len()], scratch);
+                let image = &x[b * g.in_len()..(b + 1) * g.in_len()];
+                let (cols, _) = g.columns(image, 0..g.out_h, scratch);
                 let dy_b = &dy[b * g.out_len()..(b + 1) * g.out_len()];
                 // acc[c_out × patch] += dy[c_out × pixels] · colsᵀ[pixels × patch]
                 unsafe {
@@ -654,4 +717,54 @@ fn kernel_grad<T: WithDType>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     }
     partial.truncate(kernel_len);
     partial
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shapes where gemm's blocking of the inner dimension would differ between narrow and
+    /// wide products (at most 64 output channels, more than 512 patch rows), size-keeping and
+    /// not, and rows that do not divide evenly into blocks.
+    #[test]
+    fn blocked_forward_is_bit_identical_to_one_gemm_per_image() {
+        let shapes = [
+            // (batch, c_in, h, w, c_out, kernel, stride, padding)
+            (2, 64, 32, 32, 64, 3, 1, 1),
+            (2, 64, 24, 40, 48, 3, 1, 1),
+            (2, 32, 64, 64, 3, 3, 1, 1),
+            (1, 64, 90, 66, 64, 3, 2, 1),
+            (3, 24, 40, 40, 16, 5, 1, 2),
+        ];
+        let mut state = 7u64;
+        let mut random = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for (batch, c_in, h, w, c_out, kernel, stride, padding) in shapes {
+            let g = Geometry::new(
+                (batch, c_in, h, w),
+                (c_out, c_in, kernel, kernel),
+                stride,
+                padding,
+            )
+            .unwrap();
+            let x: Vec<f32> = (0..batch * g.in_len()).map(|_| random()).collect();
+            let k: Vec<f32> = (0..c_out * g.patch_len()).map(|_| random()).collect();
+            // The smallest budget that still blocks: the kernel's own size.
+            let budget = c_out * g.patch_len() * std::mem::size_of::<f32>();
+            let blocks = g.forward_row_blocks::<f32>(budget).count();
+            assert!(blocks > 1, "{g:?} was not split");
+            assert_eq!(g.forward_row_blocks::<f32>(usize::MAX).count(), 1);
+            let whole = im2col_forward(&g, &x, &k, usize::MAX);
+            let blocked = im2col_forward(&g, &x, &k, budget);
+            let differing = whole
+                .iter()
+                .zip(&blocked)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differing, 0, "{g:?} in {blocks} blocks");
+        }
+    }
 }
