@@ -62,6 +62,8 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
         (5, 3, 2, 2, 3, 3, 1, 1),
         (2, 2, 1, 1, 2, 3, 1, 1),
         (2, 2, 3, 1, 2, 5, 1, 2),
+        // An im2col matrix over 512 KiB: the forward pass builds it in three blocks of rows.
+        (1, 16, 40, 40, 4, 3, 1, 1),
         // From 128×128 pixels on, Winograd's 3×3 forward: odd sides (a partial last tile).
         (1, 2, 129, 130, 3, 3, 1, 1),
         (2, 3, 128, 131, 2, 3, 1, 1),
