@@ -717,9 +717,11 @@ fn kernel_grad<T: WithDType>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     partial.truncate(kernel_len);
     partial
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::noise::NoiseStream;
 
     /// Shapes where gemm's blocking of the inner dimension would differ between narrow and
     /// wide products (at most 64 output channels, more than 512 patch rows), size-keeping and
@@ -734,12 +736,10 @@ mod tests {
             (1, 64, 90, 66, 64, 3, 2, 1),
             (3, 24, 40, 40, 16, 5, 1, 2),
         ];
-        let mut state = 7u64;
-        let mut random = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        let mut noise = NoiseStream::new(7);
+        let mut random = |len: usize| -> Vec<f32> {
+            let values = noise.tensor(len, &Device::Cpu).unwrap();
+            values.to_vec1().unwrap()
         };
         for (batch, c_in, h, w, c_out, kernel, stride, padding) in shapes {
             let g = Geometry::new(
@@ -749,8 +749,8 @@ mod tests {
                 padding,
             )
             .unwrap();
-            let x: Vec<f32> = (0..batch * g.in_len()).map(|_| random()).collect();
-            let k: Vec<f32> = (0..c_out * g.patch_len()).map(|_| random()).collect();
+            let x = random(batch * g.in_len());
+            let k = random(c_out * g.patch_len());
             // The smallest budget that still blocks: the kernel's own size.
             let budget = c_out * g.patch_len() * std::mem::size_of::<f32>();
             let blocks = g.forward_row_blocks::<f32>(budget).count();
