@@ -118,7 +118,10 @@ impl Real for f32 {
             * r
             + 0.5;
         let e_r = p * r * r + r + 1.0;
-        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // 2^n from n's bits: adding 2^23 puts the integer n + 127 (in 1..=127 here) in the
+        // low mantissa bits, and the shift moves it into the exponent field. An `as` cast
+        // would saturate lane by lane and keep the loop from vectorising.
+        let two_n = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
         if x < -87.0 { 0.0 } else { e_r * two_n }
     }
 
