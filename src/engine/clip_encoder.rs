@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::attention::attention;
 use super::nn::{LayerNorm, linear};
+use super::quick_gelu::quick_gelu;
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 pub enum Activation {
@@ -22,7 +23,7 @@ pub enum Activation {
 impl Activation {
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Activation::QuickGelu => quick_gelu(x),
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluTanh => x.gelu(),
         }

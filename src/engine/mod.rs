@@ -23,6 +23,7 @@ pub mod model;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;
+pub mod quick_gelu;
 pub mod resnet;
 pub mod sampling;
 pub mod tokenizer;
