@@ -67,9 +67,9 @@ impl Dims {
     }
 
     /// Query rows per block: a block's scores take about 2 MiB of f32. Each block's products
-    /// repack the head's keys and values, so blocks must be tall enough to pay for that: at
-    /// 16 rows (4096 keys, SD at 512 px) the repacking cost about 40 % of the attention's time. The
-    /// block size does not change the results: each query row is computed on its own.
+    /// repack the head's keys and values, so blocks must be tall enough to pay for that: at 16
+    /// rows (4096 keys, SD at 512 px) the repacking cost about 40 % of the attention's time.
+    /// The block size does not change the results: each query row is computed on its own.
     fn block_rows(&self) -> usize {
         ((1 << 19) / self.kv_len.max(1))
             .clamp(16, 256)

@@ -12,7 +12,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::cpu_kernels::{Real, contiguous, with_floats};
+use super::cpu_kernels::{ELEMENTS_PER_TASK, Real, contiguous, with_floats};
 
 /// `x + bias`, with `bias` (C) along dim `axis` of `x`.
 pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
@@ -118,10 +118,6 @@ impl Channels {
         total
     }
 }
-
-/// Elements per parallel task of the per-channel map: smaller tasks cost more in scheduling
-/// than they save.
-const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// Rows `[channels, inner]` of the per-channel affine map, compiled for the best instruction
 /// set the CPU has; the arithmetic is exactly `x · scale + shift` (or `x + shift`).

@@ -175,6 +175,10 @@ pub fn silu_grad<T: Real>(x: T) -> T {
 /// Independent accumulators for reductions, so they vectorise.
 pub const LANES: usize = 16;
 
+/// Elements per parallel task of an element-wise kernel: smaller tasks cost more in scheduling
+/// than they save.
+pub const ELEMENTS_PER_TASK: usize = 16 * 1024;
+
 /// The mean and 1/√(variance + eps) of `x`, two-pass in f64.
 #[inline(always)]
 pub fn moments<T: Real>(x: &[T], eps: f64) -> (f64, f64) {

@@ -10,10 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu_kernels::{Real, contiguous, with_cpu_slice, with_floats};
-
-/// Output elements per parallel task: enough to pay for the hand-off.
-const ELEMENTS_PER_TASK: usize = 16 * 1024;
+use super::cpu_kernels::{ELEMENTS_PER_TASK, Real, contiguous, with_cpu_slice, with_floats};
 
 /// `value · GELU(gate)` for `h = [value, gate]` along the last dimension.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {

@@ -8,13 +8,10 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu_kernels::{Real, contiguous, with_cpu_slice, with_floats};
+use super::cpu_kernels::{ELEMENTS_PER_TASK, Real, contiguous, with_cpu_slice, with_floats};
 
 /// The slope inside the sigmoid.
 const SLOPE: f64 = 1.702;
-
-/// Elements per parallel task: enough to pay for the hand-off.
-const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// `x · σ(1.702 x)`, element-wise.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
