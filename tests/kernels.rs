@@ -64,9 +64,12 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
         (2, 2, 3, 1, 2, 5, 1, 2),
         // An im2col matrix over 512 KiB: the forward pass builds it in three blocks of rows.
         (1, 16, 40, 40, 4, 3, 1, 1),
-        // From 128×128 pixels on, Winograd's 3×3 forward: odd sides (a partial last tile).
+        // From 128×128 pixels on, Winograd's 3×3 forward and input gradient: odd sides (a
+        // partial last tile).
         (1, 2, 129, 130, 3, 3, 1, 1),
         (2, 3, 128, 131, 2, 3, 1, 1),
+        // From 32×32 pixels on with 256 channels or more on both sides, Winograd too.
+        (1, 256, 33, 33, 256, 3, 1, 1),
     ];
     for (b, c_in, h, w, c_out, k, stride, padding) in cases {
         let what = format!("conv {b}×{c_in}×{h}×{w} → {c_out}, k{k} s{stride} p{padding}");

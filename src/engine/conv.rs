@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::channel::add_bias;
 use super::cpu_kernels::{Real, contiguous, matmul, matmul_into_rows, with_floats};
-use super::winograd::{Shape3x3, conv3x3};
+use super::winograd::{Shape3x3, conv3x3, conv3x3_input_grad};
 
 /// A convolution layer (dilation 1, one group), weights `[out, in, kh, kw]`, optional bias.
 #[derive(Debug, Clone)]
@@ -222,6 +222,22 @@ impl Geometry {
         };
         // Rows shared out evenly: no block is left narrower than `rows`.
         (0..blocks).map(move |i| i * out_h / blocks..(i + 1) * out_h / blocks)
+    }
+
+    /// The shape to hand Winograd's 3×3 convolution, for the convolutions that take it.
+    fn winograd_shape(&self) -> Option<Shape3x3> {
+        let pixels = self.h * self.w;
+        let wide = self.c_in.min(self.c_out) >= WINOGRAD_MIN_CHANNELS;
+        let large = pixels >= WINOGRAD_MIN_PIXELS || (wide && pixels >= WINOGRAD_MIN_PIXELS_WIDE);
+        ((self.kh, self.kw, self.stride, self.padding) == (3, 3, 1, 1) && large).then_some(
+            Shape3x3 {
+                batch: self.batch,
+                c_in: self.c_in,
+                h: self.h,
+                w: self.w,
+                c_out: self.c_out,
+            },
+        )
     }
 
     /// A stride-1 convolution whose output is the input's size (a 3×3 kernel with padding 1):
@@ -517,10 +533,19 @@ impl CustomOp2 for Im2ColConv {
     }
 }
 
-/// Maps of at least this many pixels go through Winograd's 3×3 convolution in the forward
-/// pass (the top of a VAE decoder); smaller ones keep im2col, so the demo model's numbers do
-/// not move.
+/// Maps of at least this many pixels go through Winograd's 3×3 convolution whatever their
+/// channels (the top of a VAE decoder).
 const WINOGRAD_MIN_PIXELS: usize = 128 * 128;
+
+/// Smaller maps down to [`WINOGRAD_MIN_PIXELS_WIDE`] take Winograd when both sides have at
+/// least this many channels (the SD UNet's and VAE's 320–1280): its tile transforms cost
+/// per channel, the multiplies it saves per channel pair, so with fewer channels it gains
+/// little, and the demo model (64–128 channels) keeps im2col and its measured numbers.
+const WINOGRAD_MIN_CHANNELS: usize = 256;
+
+/// See [`WINOGRAD_MIN_CHANNELS`]: below 32×32 pixels the kernels' transform, done on every
+/// call, costs more than the multiplies saved.
+const WINOGRAD_MIN_PIXELS_WIDE: usize = 32 * 32;
 
 /// The largest im2col block of the forward pass: half of a 1 MiB L2 cache, so that the block
 /// stays there between im2col and the GEMM.
@@ -532,20 +557,15 @@ const FORWARD_BLOCK_BYTES: usize = 512 << 10;
 const MIN_BLOCK_PIXELS: usize = 256;
 
 fn conv_forward<T: Real>(g: &Geometry, x: &[T], k: &[T]) -> Vec<T> {
-    let winograd =
-        (g.kh, g.kw, g.stride, g.padding) == (3, 3, 1, 1) && g.h * g.w >= WINOGRAD_MIN_PIXELS;
-    if winograd {
-        let shape = Shape3x3 {
-            batch: g.batch,
-            c_in: g.c_in,
-            h: g.h,
-            w: g.w,
-            c_out: g.c_out,
-        };
-        let threads = gemm_parallelism(1).unwrap_or(Parallelism::None);
-        return conv3x3(shape, x, k, threads);
+    match g.winograd_shape() {
+        Some(shape) => conv3x3(shape, x, k, winograd_parallelism()),
+        None => im2col_forward(g, x, k, FORWARD_BLOCK_BYTES),
     }
-    im2col_forward(g, x, k, FORWARD_BLOCK_BYTES)
+}
+
+/// Winograd threads inside each of its GEMMs, image after image.
+fn winograd_parallelism() -> Parallelism {
+    gemm_parallelism(1).unwrap_or(Parallelism::None)
 }
 
 /// The forward pass by im2col and GEMM, in blocks of output rows whose im2col matrices take
@@ -610,7 +630,10 @@ impl CustomOp2 for InputGrad<'_> {
     }
 }
 
-fn input_grad<T: WithDType>(g: &Geometry, dy: &[T], k: &[T]) -> Vec<T> {
+fn input_grad<T: Real>(g: &Geometry, dy: &[T], k: &[T]) -> Vec<T> {
+    if let Some(shape) = g.winograd_shape() {
+        return conv3x3_input_grad(shape, dy, k, winograd_parallelism());
+    }
     let mut dx = vec![T::zero(); g.batch * g.in_len()];
     let (patch, pixels) = (g.patch_len(), g.out_pixels());
     for_each_image(&mut dx, g.batch, |b, dx_b, par, scratch: &mut Vec<T>| {
