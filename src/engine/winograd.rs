@@ -182,7 +182,8 @@ impl<T: Real> pulp::WithSimd for KernelTransform<'_, T> {
                 }
             }
             let g_at = |p: usize| &g[p * n..][..len];
-            // G g: G applied to each column j of g, rows 3·0 + j, 3 + j, 6 + j.
+            // G g: G applied to each column j of g (its values j, 3 + j and 6 + j), into
+            // column j of G g.
             for j in 0..3 {
                 let mut rows = gg
                     .chunks_exact_mut(n)
