@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::cpu_kernels::{LANES, Real, contiguous, matmul, with_cpu_slice, with_floats};
+use super::cpu_kernels::{LANES, Real, SharedMut, contiguous, matmul, with_cpu_slice, with_floats};
 use super::nn::{compute_dtype, softmax_last_dim};
 
 /// Attention of `q` over `k` / `v` with `heads` heads; `causal` hides later keys from each
@@ -222,21 +222,6 @@ fn row_max<T: Real>(row: &[T]) -> T {
 }
 
 /// A pointer that parallel tasks write through, each to its own elements.
-#[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    /// The element at `offset`; a method so that closures capture the whole (Sync) wrapper.
-    ///
-    /// # Safety
-    /// `offset` must lie in the allocation.
-    unsafe fn at(self, offset: usize) -> *mut T {
-        unsafe { self.0.add(offset) }
-    }
-}
-
 /// GEMM threading inside a task when there are fewer tasks than threads.
 fn inner_parallelism(tasks: usize) -> Parallelism {
     let threads = rayon::current_num_threads();

@@ -8,10 +8,9 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, bail};
 use candle_nn::{Init, VarBuilder};
-use gemm::Parallelism;
 
 use super::channel::add_bias;
-use super::cpu_kernels::{contiguous, matmul, with_floats};
+use super::cpu_kernels::{contiguous, matmul_threaded, with_floats};
 
 /// `y = x · Wᵀ + b`, weight `[out, in]`, optional bias `[out]`, over the last dim of `x`.
 #[derive(Debug, Clone)]
@@ -97,21 +96,13 @@ impl CustomOp2 for FrozenMatmul {
         let out = with_floats!((s1, s2), |x, w| {
             let (x, w) = (contiguous(x, l1)?, contiguous(w, l2)?);
             let mut y = vec![0.0; n * m];
-            let threads = rayon::current_num_threads();
-            let parallelism = if threads > 1 {
-                Parallelism::Rayon(threads)
-            } else {
-                Parallelism::None
-            };
             // y[n × m] = x[n × k] · Wᵀ[k × m]
             unsafe {
-                matmul(
+                matmul_threaded(
                     (n, m, k),
                     y.as_mut_ptr(),
-                    false,
                     (x.as_ptr(), k, 1),
                     (w.as_ptr(), m, 1),
-                    parallelism,
                 )
             }
             y
