@@ -281,15 +281,20 @@ mod tests {
     use super::*;
 
     /// Split into column blocks (a ragged last one) or left to `gemm`'s threads, the product
-    /// is the product, with strided operands.
+    /// is the product, with strided operands: the right-hand side row-major, or stored
+    /// transposed as a frozen layer's backward reads it.
     #[test]
     fn threaded_matmul_matches_the_definition() {
         let value = |i: usize| ((i * 7919) % 113) as f64 / 113.0 - 0.5;
         for (m, n, k) in [(5, 70, 9), (70, 5, 9), (1, 1, 1)] {
-            // lhs stored transposed ([k × m]), rhs row-major ([k × n]).
+            // lhs stored transposed ([k × m]), rhs row-major ([k × n]) and transposed.
             let lhs: Vec<f64> = (0..k * m).map(value).collect();
             let rhs: Vec<f64> = (0..k * n).map(|i| value(i + 1000)).collect();
-            for threads in [1, 3] {
+            let rhs_t: Vec<f64> = (0..n * k).map(|i| rhs[(i % k) * n + i / k]).collect();
+            let layouts = [(&rhs, n, 1), (&rhs_t, 1, k)];
+            for (threads, (rhs_data, rows, cols)) in
+                [1, 3].into_iter().flat_map(|t| layouts.map(|l| (t, l)))
+            {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
@@ -300,7 +305,7 @@ mod tests {
                         (m, n, k),
                         dst.as_mut_ptr(),
                         (lhs.as_ptr(), 1, m),
-                        (rhs.as_ptr(), n, 1),
+                        (rhs_data.as_ptr(), rows, cols),
                     )
                 });
                 for i in 0..m {

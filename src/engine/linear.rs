@@ -59,8 +59,10 @@ impl Module for Linear {
             && x.device().is_cpu()
             && matches!(x.dtype(), DType::F32 | DType::F64);
         let y = if frozen_cpu {
-            rows.contiguous()?
-                .apply_op2(&self.weight.t()?.contiguous()?, FrozenMatmul)?
+            rows.contiguous()?.apply_op2(
+                &self.weight.t()?.contiguous()?,
+                FrozenMatmul { transposed: false },
+            )?
         } else {
             rows.matmul(&self.weight.t()?)?
         };
@@ -73,8 +75,12 @@ impl Module for Linear {
     }
 }
 
-/// `(x [n, in], frozen Wᵀ [in, out]) → x · Wᵀ [n, out]`; its backward gives x's gradient only.
-struct FrozenMatmul;
+/// `(x [n, in], frozen Wᵀ [in, out]) → x · Wᵀ [n, out]`; its backward gives x's gradient only,
+/// as the same op `transposed` (recorded without a backward of its own):
+/// `(g [n, out], Wᵀ [in, out]) → g · W [n, in]`.
+struct FrozenMatmul {
+    transposed: bool,
+}
 
 impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
@@ -89,22 +95,25 @@ impl CustomOp2 for FrozenMatmul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, k) = l1.shape().dims2()?;
-        let (k2, m) = l2.shape().dims2()?;
+        let (rows, cols) = l2.shape().dims2()?;
+        let (k2, m) = if self.transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
         if k != k2 {
             bail!("linear: the weight takes {k2} inputs, the input has {k}");
         }
         let out = with_floats!((s1, s2), |x, w| {
             let (x, w) = (contiguous(x, l1)?, contiguous(w, l2)?);
             let mut y = vec![0.0; n * m];
-            // y[n × m] = x[n × k] · Wᵀ[k × m]
-            unsafe {
-                matmul_threaded(
-                    (n, m, k),
-                    y.as_mut_ptr(),
-                    (x.as_ptr(), k, 1),
-                    (w.as_ptr(), m, 1),
-                )
-            }
+            // The weight as the product's [k × m] right-hand side.
+            let rhs = if self.transposed {
+                (w.as_ptr(), 1, k)
+            } else {
+                (w.as_ptr(), m, 1)
+            };
+            unsafe { matmul_threaded((n, m, k), y.as_mut_ptr(), (x.as_ptr(), k, 1), rhs) }
             y
         });
         Ok((out, Shape::from((n, m))))
@@ -117,7 +126,10 @@ impl CustomOp2 for FrozenMatmul {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&weight_t.t()?)?), None))
+        let dx = grad
+            .contiguous()?
+            .apply_op2_no_bwd(weight_t, &FrozenMatmul { transposed: true })?;
+        Ok((Some(dx), None))
     }
 }
 
