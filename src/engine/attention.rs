@@ -11,7 +11,9 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::cpu_kernels::{LANES, Real, SharedMut, contiguous, matmul, with_cpu_slice, with_floats};
+use super::cpu_kernels::{
+    LANES, Real, SharedMut, contiguous, inner_parallelism, matmul, with_cpu_slice, with_floats,
+};
 use super::nn::{compute_dtype, softmax_last_dim};
 
 /// Attention of `q` over `k` / `v` with `heads` heads; `causal` hides later keys from each
@@ -219,17 +221,6 @@ fn row_max<T: Real>(row: &[T]) -> T {
         .iter()
         .chain(tail)
         .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a })
-}
-
-/// A pointer that parallel tasks write through, each to its own elements.
-/// GEMM threading inside a task when there are fewer tasks than threads.
-fn inner_parallelism(tasks: usize) -> Parallelism {
-    let threads = rayon::current_num_threads();
-    if tasks < threads {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
 }
 
 /// `scores[rows × Lk] = softmax(scale · Q_block · K_hᵀ)` for the `rows` queries from `first`.

@@ -98,7 +98,7 @@ pub unsafe fn matmul_into_rows<T: WithDType>(
 /// [`matmul`] (overwriting `dst`) on all of rayon's threads. A product with fewer rows than
 /// columns (a text encoder's 154 tokens against 768–3072 outputs) runs as one single-threaded
 /// product per block of columns: `gemm`'s own threading splits the rows instead, so every
-/// thread packs all of `rhs`, which cost such a product a tenth to a fifth of its time. Each
+/// thread packs all of `rhs`, which cost such a product up to a fifth of its time. Each
 /// element's sum is formed in an order set by the sizes and the thread count only.
 ///
 /// # Safety
@@ -111,12 +111,7 @@ pub unsafe fn matmul_threaded<T: WithDType>(
 ) {
     let threads = rayon::current_num_threads();
     if threads == 1 || m > n {
-        let parallelism = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
-        return unsafe { matmul((m, n, k), dst, false, lhs, rhs, parallelism) };
+        return unsafe { matmul((m, n, k), dst, false, lhs, rhs, inner_parallelism(1)) };
     }
     // Whole cache lines of `dst` per block.
     let width = n.div_ceil(threads).next_multiple_of(16);
@@ -140,6 +135,17 @@ pub unsafe fn matmul_threaded<T: WithDType>(
             )
         }
     });
+}
+
+/// GEMM threading inside one of `tasks` parallel tasks: `gemm`'s own threads when there are
+/// fewer tasks than threads.
+pub fn inner_parallelism(tasks: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if tasks < threads {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
 }
 
 /// A pointer tasks share, each writing (or reading) its own part of the allocation.
