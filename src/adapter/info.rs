@@ -58,7 +58,7 @@ pub fn fingerprint(unet: &UNet) -> candle_core::Result<String> {
     const PRIME: u64 = 0x0100_0000_01b3;
     let mut hash = OFFSET;
     for layer in unet.cross_attn_layers() {
-        for weight in [layer.to_k.weight(), layer.to_v.weight()] {
+        for weight in [layer.to_k.weight()?, layer.to_v.weight()?] {
             let values: Vec<f32> = weight
                 .to_dtype(candle_core::DType::F32)?
                 .flatten_all()?

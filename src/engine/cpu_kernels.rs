@@ -4,7 +4,6 @@
 use candle_core::{Layout, Result, Storage, Tensor, WithDType, bail};
 use gemm::Parallelism;
 use num_traits::Float;
-use rayon::prelude::*;
 
 /// The slice a contiguous layout covers; the kernels are only handed contiguous tensors.
 pub fn contiguous<'a, T: WithDType>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
@@ -93,48 +92,6 @@ pub unsafe fn matmul_into_rows<T: WithDType>(
             parallelism,
         )
     }
-}
-
-/// [`matmul`] (overwriting `dst`) on all of rayon's threads. A product with fewer rows than
-/// columns (a text encoder's 154 tokens against 768–3072 outputs) runs as one single-threaded
-/// product per block of columns: `gemm`'s own threading splits the rows instead, so every
-/// thread packs all of `rhs`, which cost such a product up to a fifth of its time. Each
-/// element's sum is formed in an order set by the sizes and the thread count only.
-///
-/// # Safety
-/// The pointers must cover the matrices their strides describe.
-pub unsafe fn matmul_threaded<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    lhs: MatRef<T>,
-    rhs: MatRef<T>,
-) {
-    let threads = rayon::current_num_threads();
-    if threads == 1 || m > n {
-        return unsafe { matmul((m, n, k), dst, false, lhs, rhs, inner_parallelism(1)) };
-    }
-    // Whole cache lines of `dst` per block.
-    let width = n.div_ceil(threads).next_multiple_of(16);
-    let (dst, lhs_ptr, rhs_ptr) = (
-        SharedMut(dst),
-        SharedMut(lhs.0.cast_mut()),
-        SharedMut(rhs.0.cast_mut()),
-    );
-    (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
-        let first = block * width;
-        let cols = width.min(n - first);
-        // SAFETY: the blocks write disjoint columns of `dst`.
-        unsafe {
-            matmul_into_rows(
-                (m, cols, k),
-                (dst.at(first), n),
-                false,
-                (lhs_ptr.at(0).cast_const(), lhs.1, lhs.2),
-                (rhs_ptr.at(first * rhs.2).cast_const(), rhs.1, rhs.2),
-                Parallelism::None,
-            )
-        }
-    });
 }
 
 /// GEMM threading inside one of `tasks` parallel tasks: `gemm`'s own threads when there are
@@ -280,50 +237,4 @@ pub fn projected_grads(y: &Tensor, upstream: &Tensor) -> candle_core::backprop::
         .and_then(|p| p.sum_all())
         .and_then(|s| s.backward())
         .expect("the projection of an op's output differentiates")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Split into column blocks (a ragged last one) or left to `gemm`'s threads, the product
-    /// is the product, with strided operands: the right-hand side row-major, or stored
-    /// transposed as a frozen layer's backward reads it.
-    #[test]
-    fn threaded_matmul_matches_the_definition() {
-        let value = |i: usize| ((i * 7919) % 113) as f64 / 113.0 - 0.5;
-        for (m, n, k) in [(5, 70, 9), (70, 5, 9), (1, 1, 1)] {
-            // lhs stored transposed ([k × m]), rhs row-major ([k × n]) and transposed.
-            let lhs: Vec<f64> = (0..k * m).map(value).collect();
-            let rhs: Vec<f64> = (0..k * n).map(|i| value(i + 1000)).collect();
-            let rhs_t: Vec<f64> = (0..n * k).map(|i| rhs[(i % k) * n + i / k]).collect();
-            let layouts = [(&rhs, n, 1), (&rhs_t, 1, k)];
-            for (threads, (rhs_data, rows, cols)) in
-                [1, 3].into_iter().flat_map(|t| layouts.map(|l| (t, l)))
-            {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let mut dst = vec![f64::NAN; m * n];
-                pool.install(|| unsafe {
-                    matmul_threaded(
-                        (m, n, k),
-                        dst.as_mut_ptr(),
-                        (lhs.as_ptr(), 1, m),
-                        (rhs_data.as_ptr(), rows, cols),
-                    )
-                });
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f64 = (0..k).map(|p| lhs[p * m + i] * rhs[p * n + j]).sum();
-                        assert!(
-                            (dst[i * n + j] - want).abs() < 1e-12,
-                            "{m}x{n}x{k} ({i}, {j})"
-                        );
-                    }
-                }
-            }
-        }
-    }
 }

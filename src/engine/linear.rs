@@ -1,23 +1,79 @@
 //! Linear layers. A layer whose weight is a variable (a model being trained) goes through
-//! candle's matmul. A frozen one (a loaded model, or the base model under an adapter) uses a
-//! CPU op whose backward computes only the input's gradient: candle's matmul backward also
-//! computes, and keeps, a gradient for every frozen weight, which doubles the cost of an
-//! adapter's backward pass and holds a second copy of the model in memory. A frozen weight is
-//! kept transposed in memory (`[in, out]`): the GEMM would otherwise repack an `[out, in]`
-//! weight element by element on every call, which cost a quarter of a text encoder's time.
+//! candle's matmul. A frozen one on the CPU (a loaded model, or the base model under an
+//! adapter) keeps its weight packed once for the GEMM's microkernels (`packed_gemm`) and runs
+//! as a CPU op whose backward computes only the input's gradient: candle's matmul backward
+//! also computes, and keeps, a gradient for every frozen weight, which doubles the cost of an
+//! adapter's backward pass and holds a second copy of the model in memory; and the GEMM would
+//! otherwise pack the weight again on every call, a seventh of a text encoder's time.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, bail};
+use std::sync::Arc;
+
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor, bail,
+};
 use candle_nn::{Init, VarBuilder};
 
 use super::channel::add_bias;
-use super::cpu_kernels::{contiguous, matmul_threaded, with_floats};
+use super::cpu_kernels::with_cpu_slice;
+use super::packed_gemm::{Packable, PackedMatrix, product, product_transposed};
 
 /// `y = x · Wᵀ + b`, weight `[out, in]`, optional bias `[out]`, over the last dim of `x`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`; a frozen one is a transposed view of contiguous `[in, out]` storage.
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `[out, in]`: a variable, or a frozen weight off the CPU or of another dtype.
+    Tensor(Tensor),
+    /// A frozen CPU weight, `Wᵀ` (`[in, out]`) packed.
+    Packed(Arc<PackedWeight>),
+}
+
+#[derive(Debug)]
+enum PackedWeight {
+    F32(PackedMatrix<f32>),
+    F64(PackedMatrix<f64>),
+}
+
+impl PackedWeight {
+    /// Packs a frozen `[out, in]` weight; `None` for one the packed op does not take.
+    fn of(weight: &Tensor) -> Result<Option<Self>> {
+        if weight.track_op() || !weight.device().is_cpu() {
+            return Ok(None);
+        }
+        let (out_dim, in_dim) = weight.dims2()?;
+        let transposed = weight.t()?.contiguous()?;
+        Ok(Some(match weight.dtype() {
+            DType::F32 => Self::F32(with_cpu_slice(&transposed, |w| {
+                Ok(PackedMatrix::pack(w, in_dim, out_dim))
+            })?),
+            DType::F64 => Self::F64(with_cpu_slice(&transposed, |w| {
+                Ok(PackedMatrix::pack(w, in_dim, out_dim))
+            })?),
+            _ => return Ok(None),
+        }))
+    }
+
+    /// `(in, out)`.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::F32(w) => w.dims(),
+            Self::F64(w) => w.dims(),
+        }
+    }
+
+    /// The weight, `[out, in]` (a transposed view of `[in, out]` storage).
+    fn tensor(&self) -> Result<Tensor> {
+        let (in_dim, out_dim) = self.dims();
+        let w = match self {
+            Self::F32(w) => Tensor::from_vec(w.unpack(), (in_dim, out_dim), &Device::Cpu)?,
+            Self::F64(w) => Tensor::from_vec(w.unpack(), (in_dim, out_dim), &Device::Cpu)?,
+        };
+        w.t()
+    }
 }
 
 impl Linear {
@@ -29,22 +85,40 @@ impl Linear {
             up: bound,
         };
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", uniform)?;
-        let weight = if weight.track_op() {
-            weight
-        } else {
-            weight.t()?.contiguous()?.t()?
-        };
         let bias = if bias {
             Some(vb.get_with_hints(out_dim, "bias", uniform)?)
         } else {
             None
         };
+        Self::new(weight, bias)
+    }
+
+    /// A layer of `weight` (`[out, in]`, rank 2), packed when it is a frozen CPU weight.
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = match PackedWeight::of(&weight)? {
+            Some(packed) => Weight::Packed(Arc::new(packed)),
+            None => Weight::Tensor(weight),
+        };
         Ok(Self { weight, bias })
     }
 
-    /// `[out, in]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match &self.weight {
+            Weight::Tensor(w) => (w.dims()[0], w.dims()[1]),
+            Weight::Packed(w) => {
+                let (in_dim, out_dim) = w.dims();
+                (out_dim, in_dim)
+            }
+        }
+    }
+
+    /// The weight, `[out, in]` (unpacked into a new tensor where it is kept packed).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Tensor(w) => Ok(w.clone()),
+            Weight::Packed(w) => w.tensor(),
+        }
     }
 }
 
@@ -55,18 +129,14 @@ impl Module for Linear {
             bail!("a linear layer takes at least one dim, got a scalar");
         };
         let rows = x.reshape(((), in_dim))?;
-        let frozen_cpu = !self.weight.track_op()
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64);
-        let y = if frozen_cpu {
-            rows.contiguous()?.apply_op2(
-                &self.weight.t()?.contiguous()?,
-                FrozenMatmul { transposed: false },
-            )?
-        } else {
-            rows.matmul(&self.weight.t()?)?
+        let y = match &self.weight {
+            Weight::Packed(w) => rows.contiguous()?.apply_op1(FrozenMatmul {
+                weight: w.clone(),
+                transposed: false,
+            })?,
+            Weight::Tensor(w) => rows.matmul(&w.t()?)?,
         };
-        let out_dim = self.weight.dim(0)?;
+        let (out_dim, _) = self.dims();
         let y = y.reshape([lead, &[out_dim]].concat())?;
         match &self.bias {
             Some(bias) => add_bias(&y, bias, y.rank() - 1),
@@ -75,61 +145,75 @@ impl Module for Linear {
     }
 }
 
-/// `(x [n, in], frozen Wᵀ [in, out]) → x · Wᵀ [n, out]`; its backward gives x's gradient only,
-/// as the same op `transposed` (recorded without a backward of its own):
-/// `(g [n, out], Wᵀ [in, out]) → g · W [n, in]`.
+/// `x [n, in] → x · Wᵀ [n, out]` against a packed frozen `Wᵀ`; its backward gives x's
+/// gradient only, as the same op `transposed` (recorded without a backward of its own):
+/// `g [n, out] → g · W [n, in]`.
 struct FrozenMatmul {
+    weight: Arc<PackedWeight>,
     transposed: bool,
 }
 
-impl CustomOp2 for FrozenMatmul {
+impl FrozenMatmul {
+    fn run<T: Packable>(
+        &self,
+        w: &PackedMatrix<T>,
+        x: &[T],
+        layout: &Layout,
+    ) -> Result<(Vec<T>, Shape)> {
+        let x = super::cpu_kernels::contiguous(x, layout)?;
+        let (rows, k) = layout.shape().dims2()?;
+        let (w_in, w_out) = w.dims();
+        let (k_expected, m) = if self.transposed {
+            (w_out, w_in)
+        } else {
+            (w_in, w_out)
+        };
+        if k != k_expected {
+            bail!("linear: the weight takes {k_expected} inputs, the input has {k}");
+        }
+        let mut y = Vec::with_capacity(rows * m);
+        // SAFETY: `x` holds rows × k elements, `y` room for rows × m, all of which the
+        // product writes before the length is set.
+        unsafe {
+            if self.transposed {
+                product_transposed(w, rows, x.as_ptr(), y.as_mut_ptr());
+            } else {
+                product(w, rows, x.as_ptr(), y.as_mut_ptr());
+            }
+            y.set_len(rows * m);
+        }
+        Ok((y, Shape::from((rows, m))))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = l1.shape().dims2()?;
-        let (rows, cols) = l2.shape().dims2()?;
-        let (k2, m) = if self.transposed {
-            (cols, rows)
-        } else {
-            (rows, cols)
-        };
-        if k != k2 {
-            bail!("linear: the weight takes {k2} inputs, the input has {k}");
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        match (storage, &*self.weight) {
+            (CpuStorage::F32(x), PackedWeight::F32(w)) => {
+                let (y, shape) = self.run(w, x, layout)?;
+                Ok((CpuStorage::F32(y), shape))
+            }
+            (CpuStorage::F64(x), PackedWeight::F64(w)) => {
+                let (y, shape) = self.run(w, x, layout)?;
+                Ok((CpuStorage::F64(y), shape))
+            }
+            _ => bail!(
+                "linear: a {:?} input for a frozen layer of another dtype; convert one to the other",
+                candle_core::backend::BackendStorage::dtype(storage)
+            ),
         }
-        let out = with_floats!((s1, s2), |x, w| {
-            let (x, w) = (contiguous(x, l1)?, contiguous(w, l2)?);
-            let mut y = vec![0.0; n * m];
-            // The weight as the product's [k × m] right-hand side.
-            let rhs = if self.transposed {
-                (w.as_ptr(), 1, k)
-            } else {
-                (w.as_ptr(), m, 1)
-            };
-            unsafe { matmul_threaded((n, m, k), y.as_mut_ptr(), (x.as_ptr(), k, 1), rhs) }
-            y
-        });
-        Ok((out, Shape::from((n, m))))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        weight_t: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = grad
-            .contiguous()?
-            .apply_op2_no_bwd(weight_t, &FrozenMatmul { transposed: true })?;
-        Ok((Some(dx), None))
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = grad.contiguous()?.apply_op1_no_bwd(&FrozenMatmul {
+            weight: self.weight.clone(),
+            transposed: true,
+        })?;
+        Ok(Some(dx))
     }
 }
 
@@ -158,10 +242,7 @@ mod tests {
             .unwrap()
             .to_dtype(DType::F64)
             .unwrap();
-        let frozen = Linear {
-            weight: weight.clone(),
-            bias: Some(bias.clone()),
-        };
+        let frozen = Linear::new(weight.clone(), Some(bias.clone())).unwrap();
         let tensors = [("weight", &weight), ("bias", &bias)]
             .map(|(name, t)| (name.to_string(), t.clone()))
             .into_iter()
@@ -173,11 +254,13 @@ mod tests {
             true,
         )
         .unwrap();
-        assert!(loaded.weight().t().unwrap().is_contiguous());
-        let trained = Linear {
-            weight: Var::from_tensor(&weight).unwrap().as_tensor().clone(),
-            bias: Some(bias),
-        };
+        assert!(matches!(loaded.weight, Weight::Packed(_)));
+        let trained = Linear::new(
+            Var::from_tensor(&weight).unwrap().as_tensor().clone(),
+            Some(bias),
+        )
+        .unwrap();
+        assert!(matches!(trained.weight, Weight::Tensor(_)));
         let x = Var::from_tensor(&x).unwrap();
         let upstream = rng
             .tensor((2, 3, 6), &dev)
@@ -207,7 +290,8 @@ mod tests {
         assert!(diff(&dx_frozen, &dx_trained) < 1e-12);
         assert!(diff(&y_loaded, &y_trained) < 1e-12);
         assert!(diff(&dx_loaded, &dx_trained) < 1e-12);
-        assert!(diff(loaded.weight(), &weight) == 0.0);
+        assert!(diff(&loaded.weight().unwrap(), &weight) == 0.0);
+        assert_eq!(loaded.dims(), (6, 5));
         // No gradient is computed, or kept, for the frozen weight.
         assert!(grads_frozen.get(&weight).is_none());
     }

@@ -22,6 +22,7 @@ pub mod linear;
 pub mod model;
 pub mod nn;
 pub mod noise;
+mod packed_gemm;
 pub mod pipeline;
 pub mod quick_gelu;
 pub mod resnet;

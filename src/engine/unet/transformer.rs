@@ -91,14 +91,24 @@ pub struct AdaptableLayer {
 }
 
 impl AdaptableLayer {
-    /// `weight` is [out, in] for a linear layer, [out, in, 1, 1] for a 1×1 convolution.
-    fn of_weight(path: String, weight: &Tensor) -> Self {
+    /// `weight` is [out, in, 1, 1] for a 1×1 convolution.
+    fn of_conv(path: String, weight: &Tensor) -> Self {
         let dims = weight.dims();
         Self {
             path,
             in_dim: dims[1],
             out_dim: dims[0],
-            conv: dims.len() == 4,
+            conv: true,
+        }
+    }
+
+    fn of_linear(path: String, linear: &Linear) -> Self {
+        let (out_dim, in_dim) = linear.dims();
+        Self {
+            path,
+            in_dim,
+            out_dim,
+            conv: false,
         }
     }
 }
@@ -140,7 +150,7 @@ impl HookedLinear {
     }
 
     fn describe(&self) -> AdaptableLayer {
-        AdaptableLayer::of_weight(self.path.clone(), self.layer.weight())
+        AdaptableLayer::of_linear(self.path.clone(), &self.layer)
     }
 }
 
@@ -327,7 +337,7 @@ impl Transformer2D {
         let projection = |p: &Projection| -> AdaptableLayer {
             match p {
                 Projection::Linear(l) => l.describe(),
-                Projection::Conv(c) => AdaptableLayer::of_weight(c.path.clone(), c.layer.weight()),
+                Projection::Conv(c) => AdaptableLayer::of_conv(c.path.clone(), c.layer.weight()),
             }
         };
         let mut layers = vec![projection(&self.proj_in)];
@@ -339,7 +349,7 @@ impl Transformer2D {
             );
             for (name, linear) in [("to_k", &a2.layer.to_k), ("to_v", &a2.layer.to_v)] {
                 let path = format!("{}.{name}", a2.layer.path);
-                layers.push(AdaptableLayer::of_weight(path, linear.weight()));
+                layers.push(AdaptableLayer::of_linear(path, linear));
             }
             layers.extend([&a2.to_out, &b.ff_in, &b.ff_out].map(HookedLinear::describe));
         }
