@@ -268,29 +268,32 @@ impl<T: Packable> PanelSource<T> for Transposed<'_, T> {
         scratch: &'a mut [T],
     ) -> &'a [T] {
         // Row `first_row + r` of the transpose is column `first_row + r` of `w`; its panel
-        // columns are rows of `w`, each a contiguous run of `w`'s packed panel.
+        // columns are rows of `w`, each a contiguous run of `w`'s packed panel. Runs of up to
+        // PANEL rows at a time, so that the part of `dst` being written stays in L1.
         let (k, _) = self.w.dims();
         let block = &mut scratch[..panels.len() * depth * PANEL];
         for (local, panel) in panels.enumerate() {
             let dst = &mut block[local * depth * PANEL..][..depth * PANEL];
-            for col in 0..PANEL {
-                let w_row = panel * PANEL + col;
-                if w_row >= k {
-                    for r in 0..depth {
-                        dst[r * PANEL + col] = T::zero();
+            let mut r = 0;
+            while r < depth {
+                let w_col = first_row + r;
+                let run = (PANEL - w_col % PANEL).min(depth - r);
+                let dst = &mut dst[r * PANEL..][..run * PANEL];
+                for col in 0..PANEL {
+                    let w_row = panel * PANEL + col;
+                    if w_row >= k {
+                        dst[col..]
+                            .iter_mut()
+                            .step_by(PANEL)
+                            .for_each(|v| *v = T::zero());
+                        continue;
                     }
-                    continue;
-                }
-                let mut r = 0;
-                while r < depth {
-                    let w_col = first_row + r;
-                    let run = (PANEL - w_col % PANEL).min(depth - r);
                     let src = &self.w.data()[self.w.offset(w_row, w_col)..][..run];
-                    for (i, &v) in src.iter().enumerate() {
-                        dst[(r + i) * PANEL + col] = v;
+                    for (dst, &v) in dst[col..].iter_mut().step_by(PANEL).zip(src) {
+                        *dst = v;
                     }
-                    r += run;
                 }
+                r += run;
             }
         }
         block
