@@ -3,8 +3,9 @@
 //! and each thread again for the part it multiplies, which cost a short product (a text
 //! encoder's 154 tokens) about a seventh of its time. Here the weight is kept packed and
 //! `gemm`'s own microkernels are driven over it, so a sum is formed exactly as `gemm` forms
-//! it: depth blocks of `gemm`'s size, each summed in order from zero, then added to the
-//! output.
+//! it (depth blocks of `gemm`'s size, each summed in order from zero, then added to the
+//! output), but for `gemm`'s smallest products (both sides at most 64), which it blocks
+//! otherwise.
 
 use candle_core::WithDType;
 use gemm::Parallelism;
@@ -16,8 +17,8 @@ use std::sync::OnceLock;
 use super::cpu_kernels::{SharedMut, matmul_into_rows};
 
 /// Columns per panel: a multiple of every microkernel's row count (64 for f32 with AVX-512,
-/// 16 with AVX2, 2 without).
-pub const PANEL: usize = 64;
+/// 16 with AVX2; half that for f64).
+const PANEL: usize = 64;
 
 /// Tokens per microkernel call, the width of every x86 microkernel `gemm` has.
 const NR: usize = 6;
@@ -45,6 +46,8 @@ impl<T: Packable> PackedMatrix<T> {
     /// Packs the row-major `[k × n]` matrix `src`.
     pub fn pack(src: &[T], k: usize, n: usize) -> Self {
         assert_eq!(src.len(), k * n, "a {k} × {n} matrix");
+        // `gemm`'s depth block depends on `k` and the caches only (the other sizes need only
+        // be non-zero).
         let depth = match T::kernels() {
             Some(kernels) if k > 0 && n > 0 => {
                 kernel_params(n, n, k, kernels.rows(), NR, size_of::<T>()).kc
@@ -312,7 +315,7 @@ pub unsafe fn product<T: Packable>(w: &PackedMatrix<T>, rows: usize, x: *const T
         return unsafe { product_by_panels(w, rows, x, dst) };
     };
     let shared = Packed { w, own_copy: false };
-    // Tasks that share panels read them from a copy of their own: measured 5-15 % faster on
+    // Tasks that share panels read them from a copy of their own: measured 4-20 % faster on
     // the UNet's 8192-row products than all threads reading the one packed weight.
     let copied = Packed { w, own_copy: true };
     unsafe { drive(kernels, (rows, n, k), x, dst, &shared, &copied) }
