@@ -312,7 +312,7 @@ impl<T: Packable> PanelSource<T> for Transposed<'_, T> {
 pub unsafe fn product<T: Packable>(w: &PackedMatrix<T>, rows: usize, x: *const T, dst: *mut T) {
     let (k, n) = w.dims();
     let Some(kernels) = T::kernels() else {
-        return unsafe { product_by_panels(w, rows, x, dst) };
+        return unsafe { product_by_panels(w, rows, x, dst, false) };
     };
     let shared = Packed { w, own_copy: false };
     // Tasks that share panels read them from a copy of their own: measured 4-20 % faster on
@@ -333,7 +333,7 @@ pub unsafe fn product_transposed<T: Packable>(
 ) {
     let (k, n) = w.dims();
     let Some(kernels) = T::kernels() else {
-        return unsafe { product_transposed_by_panels(w, rows, x, dst) };
+        return unsafe { product_by_panels(w, rows, x, dst, true) };
     };
     let depth = if n == 0 {
         1
@@ -438,62 +438,49 @@ unsafe fn drive<T: Packable>(
     }
 }
 
-/// [`product`] where there are no microkernels to drive: `gemm` on each panel of each block.
+/// [`product`], or `transposed` [`product_transposed`], where there are no microkernels to
+/// drive: `gemm` on each panel of each block.
 unsafe fn product_by_panels<T: Packable>(
     w: &PackedMatrix<T>,
     rows: usize,
     x: *const T,
     dst: *mut T,
+    transposed: bool,
 ) {
     let (k, n) = w.dims();
-    if k == 0 {
-        unsafe { std::ptr::write_bytes(dst, 0, rows * n) };
+    let (inputs, outputs) = if transposed { (n, k) } else { (k, n) };
+    if inputs == 0 {
+        unsafe { std::ptr::write_bytes(dst, 0, rows * outputs) };
         return;
     }
     for first_row in (0..k).step_by(w.depth) {
         let depth = w.depth.min(k - first_row);
         for first in (0..n).step_by(PANEL) {
-            // SAFETY: a panel of a block is a row-major [depth × width] matrix PANEL apart.
+            let width = PANEL.min(n - first);
+            // A panel of a block: a row-major [depth × width] matrix, its rows PANEL apart.
+            let panel = w.data()[w.offset(first_row, first)..].as_ptr();
+            // SAFETY: the operands' strides stay within `x`, `dst` and the panel; the first
+            // product into each part of `dst` overwrites it, the rest add to it.
             unsafe {
-                matmul_into_rows(
-                    (rows, PANEL.min(n - first), depth),
-                    (dst.add(first), n),
-                    first_row > 0,
-                    (x.add(first_row), k, 1),
-                    (w.data()[w.offset(first_row, first)..].as_ptr(), PANEL, 1),
-                    Parallelism::Rayon(0),
-                )
-            }
-        }
-    }
-}
-
-/// [`product_transposed`] where there are no microkernels to drive: `gemm` against each
-/// panel of each block, read transposed.
-unsafe fn product_transposed_by_panels<T: Packable>(
-    w: &PackedMatrix<T>,
-    rows: usize,
-    x: *const T,
-    dst: *mut T,
-) {
-    let (k, n) = w.dims();
-    if n == 0 {
-        unsafe { std::ptr::write_bytes(dst, 0, rows * k) };
-        return;
-    }
-    for first in (0..n).step_by(PANEL) {
-        for first_row in (0..k).step_by(w.depth) {
-            let depth = w.depth.min(k - first_row);
-            // SAFETY: a panel of a block, read transposed, is a [width × depth] matrix.
-            unsafe {
-                matmul_into_rows(
-                    (rows, depth, PANEL.min(n - first)),
-                    (dst.add(first_row), k),
-                    first > 0,
-                    (x.add(first), n, 1),
-                    (w.data()[w.offset(first_row, first)..].as_ptr(), 1, PANEL),
-                    Parallelism::Rayon(0),
-                )
+                if transposed {
+                    matmul_into_rows(
+                        (rows, depth, width),
+                        (dst.add(first_row), k),
+                        first > 0,
+                        (x.add(first), n, 1),
+                        (panel, 1, PANEL),
+                        Parallelism::Rayon(0),
+                    )
+                } else {
+                    matmul_into_rows(
+                        (rows, width, depth),
+                        (dst.add(first), n),
+                        first_row > 0,
+                        (x.add(first_row), k, 1),
+                        (panel, PANEL, 1),
+                        Parallelism::Rayon(0),
+                    )
+                }
             }
         }
     }
@@ -503,6 +490,24 @@ unsafe fn product_transposed_by_panels<T: Packable>(
 mod tests {
     use super::*;
     use crate::engine::cpu_kernels::matmul;
+
+    unsafe fn forward_by_panels<T: Packable>(
+        w: &PackedMatrix<T>,
+        rows: usize,
+        x: *const T,
+        dst: *mut T,
+    ) {
+        unsafe { product_by_panels(w, rows, x, dst, false) }
+    }
+
+    unsafe fn transposed_by_panels<T: Packable>(
+        w: &PackedMatrix<T>,
+        rows: usize,
+        x: *const T,
+        dst: *mut T,
+    ) {
+        unsafe { product_by_panels(w, rows, x, dst, true) }
+    }
 
     fn values(len: usize, seed: u64) -> Vec<f64> {
         let mut state = seed;
@@ -591,11 +596,11 @@ mod tests {
                     assert!(close(ours_transposed, &backward), "{shape}");
                 }
                 assert!(
-                    close(run(product_by_panels, &x, rows * n), &forward),
+                    close(run(forward_by_panels, &x, rows * n), &forward),
                     "{shape}"
                 );
                 assert!(
-                    close(run(product_transposed_by_panels, &g, rows * k), &backward),
+                    close(run(transposed_by_panels, &g, rows * k), &backward),
                     "{shape}"
                 );
             }
@@ -620,9 +625,9 @@ mod tests {
             type Product = unsafe fn(&PackedMatrix<f64>, usize, *const f64, *mut f64);
             let paths: [(Product, &[f64], &[f64]); 4] = [
                 (product, &x, &forward),
-                (product_by_panels, &x, &forward),
+                (forward_by_panels, &x, &forward),
                 (product_transposed, &g, &backward),
-                (product_transposed_by_panels, &g, &backward),
+                (transposed_by_panels, &g, &backward),
             ];
             for threads in [1, 3] {
                 let pool = rayon::ThreadPoolBuilder::new()
