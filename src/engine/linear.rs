@@ -1,10 +1,11 @@
 //! Linear layers. A layer whose weight is a variable (a model being trained) goes through
-//! candle's matmul. A frozen one on the CPU (a loaded model, or the base model under an
-//! adapter) keeps its weight packed once for the GEMM's microkernels (`packed_gemm`) and runs
-//! as a CPU op whose backward computes only the input's gradient: candle's matmul backward
-//! also computes, and keeps, a gradient for every frozen weight, which doubles the cost of an
-//! adapter's backward pass and holds a second copy of the model in memory; and the GEMM would
-//! otherwise pack the weight again on every call, a seventh of a text encoder's time.
+//! candle's matmul. A frozen f32 or f64 one on the CPU (a loaded model, or the base model
+//! under an adapter) keeps its weight packed once for the GEMM's microkernels
+//! (`packed_gemm`) and runs as a CPU op whose backward computes only the input's gradient:
+//! candle's matmul backward also computes, and keeps, a gradient for every frozen weight,
+//! which doubles the cost of an adapter's backward pass and holds a second copy of the model
+//! in memory; and the GEMM would otherwise pack the weight again on every call, a seventh of
+//! a text encoder's time.
 
 use std::sync::Arc;
 
@@ -41,7 +42,8 @@ enum PackedWeight {
 impl PackedWeight {
     /// Packs a frozen `[out, in]` weight; `None` for one the packed op does not take.
     fn of(weight: &Tensor) -> Result<Option<Self>> {
-        if weight.track_op() || !weight.device().is_cpu() {
+        let packable = matches!(weight.dtype(), DType::F32 | DType::F64);
+        if weight.track_op() || !weight.device().is_cpu() || !packable {
             return Ok(None);
         }
         let (out_dim, in_dim) = weight.dims2()?;
@@ -53,7 +55,7 @@ impl PackedWeight {
             DType::F64 => Self::F64(with_cpu_slice(&transposed, |w| {
                 Ok(PackedMatrix::pack(w, in_dim, out_dim))
             })?),
-            _ => return Ok(None),
+            other => bail!("linear: a frozen {other:?} weight is not packed"),
         }))
     }
 

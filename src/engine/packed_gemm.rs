@@ -2,10 +2,10 @@
 //! microkernels read: `gemm` packs its vector-side operand (a layer's weight) on every call,
 //! and each thread again for the part it multiplies, which cost a short product (a text
 //! encoder's 154 tokens) about a seventh of its time. Here the weight is kept packed and
-//! `gemm`'s own microkernels are driven over it, so a sum is formed exactly as `gemm` forms
-//! it (depth blocks of `gemm`'s size, each summed in order from zero, then added to the
-//! output), but for `gemm`'s smallest products (both sides at most 64), which it blocks
-//! otherwise.
+//! `gemm`'s own microkernels are driven over it, so a sum is formed as `gemm` forms it (depth
+//! blocks of `gemm`'s size, each summed in order from zero, then added to the output) for
+//! every product outside `gemm`'s special cases (one row, a depth of 1 or 2, both sides at
+//! most 64), which it sums otherwise.
 
 use candle_core::WithDType;
 use gemm::Parallelism;
@@ -86,6 +86,9 @@ impl<T: Packable> PackedMatrix<T> {
     /// The matrix as it was given, row-major `[k × n]`.
     pub fn unpack(&self) -> Vec<T> {
         let mut out = vec![T::zero(); self.k * self.n];
+        if self.n == 0 {
+            return out;
+        }
         for (row, dst) in out.chunks_exact_mut(self.n).enumerate() {
             for (panel, dst) in dst.chunks_mut(PANEL).enumerate() {
                 let start = self.offset(row, panel * PANEL);
@@ -124,15 +127,19 @@ impl<T> std::fmt::Debug for PackedMatrix<T> {
 
 /// `len` zeros starting `start` elements into the vector, on an `ALIGN_BYTES` boundary.
 fn aligned_zeros<T: WithDType>(len: usize) -> (Vec<T>, usize) {
-    let storage = vec![T::zero(); len + ALIGN_BYTES / size_of::<T>()];
-    let start = storage.as_ptr().align_offset(ALIGN_BYTES);
+    let slack = ALIGN_BYTES / size_of::<T>();
+    let storage = vec![T::zero(); len + slack];
+    // `align_offset` may decline to compute an offset; the panels then start unaligned.
+    let start = Some(storage.as_ptr().align_offset(ALIGN_BYTES))
+        .filter(|&offset| offset <= slack)
+        .unwrap_or(0);
     (storage, start)
 }
 
 /// The element types `gemm` has microkernels for.
 pub trait Packable: WithDType {
     /// This CPU's microkernels for the type, `None` where the products go through `gemm`'s own
-    /// driver panel by panel (CPUs other than x86-64).
+    /// driver instead (CPUs other than x86-64, and x86-64 ones without FMA).
     fn kernels() -> Option<&'static Kernels<Self>>;
 }
 
@@ -312,7 +319,7 @@ impl<T: Packable> PanelSource<T> for Transposed<'_, T> {
 pub unsafe fn product<T: Packable>(w: &PackedMatrix<T>, rows: usize, x: *const T, dst: *mut T) {
     let (k, n) = w.dims();
     let Some(kernels) = T::kernels() else {
-        return unsafe { product_by_panels(w, rows, x, dst, false) };
+        return unsafe { product_unpacked(w, rows, x, dst, false) };
     };
     let shared = Packed { w, own_copy: false };
     // Tasks that share panels read them from a copy of their own: measured 4-20 % faster on
@@ -333,7 +340,7 @@ pub unsafe fn product_transposed<T: Packable>(
 ) {
     let (k, n) = w.dims();
     let Some(kernels) = T::kernels() else {
-        return unsafe { product_by_panels(w, rows, x, dst, true) };
+        return unsafe { product_unpacked(w, rows, x, dst, true) };
     };
     let depth = if n == 0 {
         1
@@ -439,8 +446,9 @@ unsafe fn drive<T: Packable>(
 }
 
 /// [`product`], or `transposed` [`product_transposed`], where there are no microkernels to
-/// drive: `gemm` on each panel of each block.
-unsafe fn product_by_panels<T: Packable>(
+/// drive: `gemm` on the matrix unpacked (one pass over the weight per call, as `gemm`'s own
+/// packing would make anyway).
+unsafe fn product_unpacked<T: Packable>(
     w: &PackedMatrix<T>,
     rows: usize,
     x: *const T,
@@ -448,41 +456,22 @@ unsafe fn product_by_panels<T: Packable>(
     transposed: bool,
 ) {
     let (k, n) = w.dims();
-    let (inputs, outputs) = if transposed { (n, k) } else { (k, n) };
-    if inputs == 0 {
-        unsafe { std::ptr::write_bytes(dst, 0, rows * outputs) };
-        return;
-    }
-    for first_row in (0..k).step_by(w.depth) {
-        let depth = w.depth.min(k - first_row);
-        for first in (0..n).step_by(PANEL) {
-            let width = PANEL.min(n - first);
-            // A panel of a block: a row-major [depth × width] matrix, its rows PANEL apart.
-            let panel = w.data()[w.offset(first_row, first)..].as_ptr();
-            // SAFETY: the operands' strides stay within `x`, `dst` and the panel; the first
-            // product into each part of `dst` overwrites it, the rest add to it.
-            unsafe {
-                if transposed {
-                    matmul_into_rows(
-                        (rows, depth, width),
-                        (dst.add(first_row), k),
-                        first > 0,
-                        (x.add(first), n, 1),
-                        (panel, 1, PANEL),
-                        Parallelism::Rayon(0),
-                    )
-                } else {
-                    matmul_into_rows(
-                        (rows, width, depth),
-                        (dst.add(first), n),
-                        first_row > 0,
-                        (x.add(first_row), k, 1),
-                        (panel, PANEL, 1),
-                        Parallelism::Rayon(0),
-                    )
-                }
-            }
-        }
+    let full = w.unpack();
+    let (inputs, outputs, rhs) = if transposed {
+        (n, k, (full.as_ptr(), 1, n))
+    } else {
+        (k, n, (full.as_ptr(), n, 1))
+    };
+    // SAFETY: `x` holds rows × inputs elements, `dst` rows × outputs, `full` the matrix.
+    unsafe {
+        matmul_into_rows(
+            (rows, outputs, inputs),
+            (dst, outputs),
+            false,
+            (x, inputs, 1),
+            rhs,
+            Parallelism::Rayon(0),
+        )
     }
 }
 
@@ -491,22 +480,22 @@ mod tests {
     use super::*;
     use crate::engine::cpu_kernels::matmul;
 
-    unsafe fn forward_by_panels<T: Packable>(
+    unsafe fn forward_unpacked<T: Packable>(
         w: &PackedMatrix<T>,
         rows: usize,
         x: *const T,
         dst: *mut T,
     ) {
-        unsafe { product_by_panels(w, rows, x, dst, false) }
+        unsafe { product_unpacked(w, rows, x, dst, false) }
     }
 
-    unsafe fn transposed_by_panels<T: Packable>(
+    unsafe fn transposed_unpacked<T: Packable>(
         w: &PackedMatrix<T>,
         rows: usize,
         x: *const T,
         dst: *mut T,
     ) {
-        unsafe { product_by_panels(w, rows, x, dst, true) }
+        unsafe { product_unpacked(w, rows, x, dst, true) }
     }
 
     fn values(len: usize, seed: u64) -> Vec<f64> {
@@ -528,6 +517,9 @@ mod tests {
         let packed = PackedMatrix::pack(&src, k, n);
         assert_eq!(packed.unpack(), src);
         assert_eq!(packed.data()[packed.offset(3, 129)], src[3 * n + 129]);
+        // A matrix with no columns (or rows) packs and unpacks to nothing.
+        assert!(PackedMatrix::<f64>::pack(&[], 3, 0).unpack().is_empty());
+        assert!(PackedMatrix::<f64>::pack(&[], 0, 3).unpack().is_empty());
     }
 
     /// Against `gemm` on the unpacked weight, bit for bit in f32 (the same microkernels, the
@@ -596,11 +588,11 @@ mod tests {
                     assert!(close(ours_transposed, &backward), "{shape}");
                 }
                 assert!(
-                    close(run(forward_by_panels, &x, rows * n), &forward),
+                    close(run(forward_unpacked, &x, rows * n), &forward),
                     "{shape}"
                 );
                 assert!(
-                    close(run(transposed_by_panels, &g, rows * k), &backward),
+                    close(run(transposed_unpacked, &g, rows * k), &backward),
                     "{shape}"
                 );
             }
@@ -625,9 +617,9 @@ mod tests {
             type Product = unsafe fn(&PackedMatrix<f64>, usize, *const f64, *mut f64);
             let paths: [(Product, &[f64], &[f64]); 4] = [
                 (product, &x, &forward),
-                (forward_by_panels, &x, &forward),
+                (forward_unpacked, &x, &forward),
                 (product_transposed, &g, &backward),
-                (transposed_by_panels, &g, &backward),
+                (transposed_unpacked, &g, &backward),
             ];
             for threads in [1, 3] {
                 let pool = rayon::ThreadPoolBuilder::new()
