@@ -204,49 +204,52 @@ impl Packable for f64 {
 
 /// Where a product's vector-side operand comes from, one depth block of a run of panels at a
 /// time.
-trait PanelSource<T>: Sync {
+enum PanelSource<'a, T> {
+    /// The packed matrix as it is: its blocks are the panels.
+    Packed(&'a PackedMatrix<T>),
+    /// The same, copied first (tasks that would otherwise all read the same panels).
+    Copied(&'a PackedMatrix<T>),
+    /// The packed matrix transposed, `[n × k]`, in depth blocks of `depth`: each block
+    /// gathered from the panels.
+    Transposed {
+        w: &'a PackedMatrix<T>,
+        depth: usize,
+    },
+}
+
+impl<T: Packable> PanelSource<'_, T> {
     /// Rows per depth block.
-    fn depth_block(&self) -> usize;
+    fn depth_block(&self) -> usize {
+        match self {
+            Self::Packed(w) | Self::Copied(w) => w.depth,
+            Self::Transposed { depth, .. } => *depth,
+        }
+    }
+
     /// Whether [`PanelSource::block`] writes into its scratch.
-    fn writes_scratch(&self) -> bool;
+    fn writes_scratch(&self) -> bool {
+        !matches!(self, Self::Packed(_))
+    }
+
     /// Panels `panels` of the depth block starting at `first_row` (`depth` rows), each
     /// `[depth][PANEL]`, one after the other: borrowed where they lie that way already,
     /// else written into `scratch`.
-    fn block<'a>(
-        &'a self,
+    fn block<'s>(
+        &'s self,
         first_row: usize,
         depth: usize,
         panels: std::ops::Range<usize>,
-        scratch: &'a mut [T],
-    ) -> &'a [T];
-}
-
-/// The packed matrix as it is: its blocks are the panels.
-struct Packed<'a, T> {
-    w: &'a PackedMatrix<T>,
-    /// Copy the panels first (tasks that would otherwise all read the same ones).
-    own_copy: bool,
-}
-
-impl<T: Packable> PanelSource<T> for Packed<'_, T> {
-    fn depth_block(&self) -> usize {
-        self.w.depth
-    }
-
-    fn writes_scratch(&self) -> bool {
-        self.own_copy
-    }
-
-    fn block<'a>(
-        &'a self,
-        first_row: usize,
-        depth: usize,
-        panels: std::ops::Range<usize>,
-        scratch: &'a mut [T],
-    ) -> &'a [T] {
-        let start = self.w.offset(first_row, panels.start * PANEL);
-        let block = &self.w.data()[start..][..panels.len() * depth * PANEL];
-        if !self.own_copy {
+        scratch: &'s mut [T],
+    ) -> &'s [T] {
+        let w = match self {
+            Self::Packed(w) | Self::Copied(w) => w,
+            Self::Transposed { w, .. } => {
+                return transposed_block(w, first_row, depth, panels, scratch);
+            }
+        };
+        let start = w.offset(first_row, panels.start * PANEL);
+        let block = &w.data()[start..][..panels.len() * depth * PANEL];
+        if matches!(self, Self::Packed(_)) {
             return block;
         }
         let copy = &mut scratch[..block.len()];
@@ -255,59 +258,44 @@ impl<T: Packable> PanelSource<T> for Packed<'_, T> {
     }
 }
 
-/// The packed matrix transposed, `[n × k]`: each block gathered from the panels.
-struct Transposed<'a, T> {
-    w: &'a PackedMatrix<T>,
+/// [`PanelSource::block`] of `w` transposed, gathered into `scratch`.
+fn transposed_block<'s, T: Packable>(
+    w: &PackedMatrix<T>,
+    first_row: usize,
     depth: usize,
-}
-
-impl<T: Packable> PanelSource<T> for Transposed<'_, T> {
-    fn depth_block(&self) -> usize {
-        self.depth
-    }
-
-    fn writes_scratch(&self) -> bool {
-        true
-    }
-
-    fn block<'a>(
-        &'a self,
-        first_row: usize,
-        depth: usize,
-        panels: std::ops::Range<usize>,
-        scratch: &'a mut [T],
-    ) -> &'a [T] {
-        // Row `first_row + r` of the transpose is column `first_row + r` of `w`; its panel
-        // columns are rows of `w`, each a contiguous run of `w`'s packed panel. Runs of up to
-        // PANEL rows at a time, so that the part of `dst` being written stays in L1.
-        let (k, _) = self.w.dims();
-        let block = &mut scratch[..panels.len() * depth * PANEL];
-        for (local, panel) in panels.enumerate() {
-            let dst = &mut block[local * depth * PANEL..][..depth * PANEL];
-            let mut r = 0;
-            while r < depth {
-                let w_col = first_row + r;
-                let run = (PANEL - w_col % PANEL).min(depth - r);
-                let dst = &mut dst[r * PANEL..][..run * PANEL];
-                for col in 0..PANEL {
-                    let w_row = panel * PANEL + col;
-                    if w_row >= k {
-                        dst[col..]
-                            .iter_mut()
-                            .step_by(PANEL)
-                            .for_each(|v| *v = T::zero());
-                        continue;
-                    }
-                    let src = &self.w.data()[self.w.offset(w_row, w_col)..][..run];
-                    for (dst, &v) in dst[col..].iter_mut().step_by(PANEL).zip(src) {
-                        *dst = v;
-                    }
+    panels: std::ops::Range<usize>,
+    scratch: &'s mut [T],
+) -> &'s [T] {
+    // Row `first_row + r` of the transpose is column `first_row + r` of `w`; its panel
+    // columns are rows of `w`, each a contiguous run of `w`'s packed panel. Runs of up to
+    // PANEL rows at a time, so that the part of `dst` being written stays in L1.
+    let (k, _) = w.dims();
+    let block = &mut scratch[..panels.len() * depth * PANEL];
+    for (local, panel) in panels.enumerate() {
+        let dst = &mut block[local * depth * PANEL..][..depth * PANEL];
+        let mut r = 0;
+        while r < depth {
+            let w_col = first_row + r;
+            let run = (PANEL - w_col % PANEL).min(depth - r);
+            let dst = &mut dst[r * PANEL..][..run * PANEL];
+            for col in 0..PANEL {
+                let w_row = panel * PANEL + col;
+                if w_row >= k {
+                    dst[col..]
+                        .iter_mut()
+                        .step_by(PANEL)
+                        .for_each(|v| *v = T::zero());
+                    continue;
                 }
-                r += run;
+                let src = &w.data()[w.offset(w_row, w_col)..][..run];
+                for (dst, &v) in dst[col..].iter_mut().step_by(PANEL).zip(src) {
+                    *dst = v;
+                }
             }
+            r += run;
         }
-        block
     }
+    block
 }
 
 /// `dst[rows × n] = x[rows × k] · w`, `x` and `dst` row-major and contiguous, on all of
@@ -321,10 +309,9 @@ pub unsafe fn product<T: Packable>(w: &PackedMatrix<T>, rows: usize, x: *const T
     let Some(kernels) = T::kernels() else {
         return unsafe { product_unpacked(w, rows, x, dst, false) };
     };
-    let shared = Packed { w, own_copy: false };
     // Tasks that share panels read them from a copy of their own: measured 4-20 % faster on
     // the UNet's 8192-row products than all threads reading the one packed weight.
-    let copied = Packed { w, own_copy: true };
+    let (shared, copied) = (PanelSource::Packed(w), PanelSource::Copied(w));
     unsafe { drive(kernels, (rows, n, k), x, dst, &shared, &copied) }
 }
 
@@ -347,7 +334,7 @@ pub unsafe fn product_transposed<T: Packable>(
     } else {
         kernel_params(k, rows, n, kernels.rows(), NR, size_of::<T>()).kc
     };
-    let source = Transposed { w, depth };
+    let source = PanelSource::Transposed { w, depth };
     unsafe { drive(kernels, (rows, k, n), x, dst, &source, &source) }
 }
 
@@ -358,8 +345,8 @@ unsafe fn drive<T: Packable>(
     (rows, m, k): (usize, usize, usize),
     x: *const T,
     dst: *mut T,
-    shared: &dyn PanelSource<T>,
-    split: &dyn PanelSource<T>,
+    shared: &PanelSource<T>,
+    split: &PanelSource<T>,
 ) {
     if rows == 0 || m == 0 {
         return;
@@ -377,58 +364,57 @@ unsafe fn drive<T: Packable>(
     let panels = m.div_ceil(PANEL);
     let (x, dst) = (SharedMut(x.cast_mut()), SharedMut(dst));
     // One task: panels `p`, rows `r`.
-    let task =
-        |source: &dyn PanelSource<T>, p: std::ops::Range<usize>, r: std::ops::Range<usize>| {
-            let kc = source.depth_block();
-            let scratch_len = if source.writes_scratch() {
-                group * kc * PANEL
-            } else {
-                0
-            };
-            let (mut scratch, scratch_start) = aligned_zeros::<T>(scratch_len);
-            let scratch = &mut scratch[scratch_start..];
-            for first_row in (0..k).step_by(kc) {
-                let depth = kc.min(k - first_row);
-                let alpha_status = u8::from(first_row > 0);
-                for first_panel in p.clone().step_by(group) {
-                    let last_panel = (first_panel + group).min(p.end);
-                    let block = source.block(first_row, depth, first_panel..last_panel, scratch);
-                    for row in r.clone().step_by(NR) {
-                        let cols = NR.min(r.end - row);
-                        for panel in first_panel..last_panel {
-                            let lhs = &block[(panel - first_panel) * depth * PANEL..];
-                            for sub in (0..PANEL.min(m - panel * PANEL)).step_by(tile) {
-                                let height = tile.min(m - panel * PANEL - sub);
-                                // SAFETY: the tile lies in `dst`, its depth block in `x` and
-                                // `lhs`; tasks write disjoint tiles.
-                                unsafe {
-                                    kernels.for_tile(height, cols)(
-                                        height,
-                                        cols,
-                                        depth,
-                                        dst.at(row * m + panel * PANEL + sub),
-                                        lhs[sub..].as_ptr(),
-                                        x.at(row * k + first_row),
-                                        m as isize,
-                                        1,
-                                        PANEL as isize,
-                                        1,
-                                        k as isize,
-                                        T::one(),
-                                        T::one(),
-                                        alpha_status,
-                                        false,
-                                        false,
-                                        false,
-                                        std::ptr::null(),
-                                    )
-                                };
-                            }
+    let task = |source: &PanelSource<T>, p: std::ops::Range<usize>, r: std::ops::Range<usize>| {
+        let kc = source.depth_block();
+        let scratch_len = if source.writes_scratch() {
+            group * kc * PANEL
+        } else {
+            0
+        };
+        let (mut scratch, scratch_start) = aligned_zeros::<T>(scratch_len);
+        let scratch = &mut scratch[scratch_start..];
+        for first_row in (0..k).step_by(kc) {
+            let depth = kc.min(k - first_row);
+            let alpha_status = u8::from(first_row > 0);
+            for first_panel in p.clone().step_by(group) {
+                let last_panel = (first_panel + group).min(p.end);
+                let block = source.block(first_row, depth, first_panel..last_panel, scratch);
+                for row in r.clone().step_by(NR) {
+                    let cols = NR.min(r.end - row);
+                    for panel in first_panel..last_panel {
+                        let lhs = &block[(panel - first_panel) * depth * PANEL..];
+                        for sub in (0..PANEL.min(m - panel * PANEL)).step_by(tile) {
+                            let height = tile.min(m - panel * PANEL - sub);
+                            // SAFETY: the tile lies in `dst`, its depth block in `x` and
+                            // `lhs`; tasks write disjoint tiles.
+                            unsafe {
+                                kernels.for_tile(height, cols)(
+                                    height,
+                                    cols,
+                                    depth,
+                                    dst.at(row * m + panel * PANEL + sub),
+                                    lhs[sub..].as_ptr(),
+                                    x.at(row * k + first_row),
+                                    m as isize,
+                                    1,
+                                    PANEL as isize,
+                                    1,
+                                    k as isize,
+                                    T::one(),
+                                    T::one(),
+                                    alpha_status,
+                                    false,
+                                    false,
+                                    false,
+                                    std::ptr::null(),
+                                )
+                            };
                         }
                     }
                 }
             }
-        };
+        }
+    };
     let threads = rayon::current_num_threads();
     if threads == 1 {
         task(shared, 0..panels, 0..rows);
