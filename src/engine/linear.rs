@@ -131,27 +131,36 @@ impl Module for Linear {
             bail!("a linear layer takes at least one dim, got a scalar");
         };
         let rows = x.reshape(((), in_dim))?;
+        // A frozen bias is added by the product itself; one being trained needs its own op.
+        let (fused_bias, bias) = match &self.bias {
+            Some(b) if matches!(self.weight, Weight::Packed(_)) && !b.track_op() => {
+                (Some(b.contiguous()?), None)
+            }
+            other => (None, other.as_ref()),
+        };
         let y = match &self.weight {
             Weight::Packed(w) => rows.contiguous()?.apply_op1(FrozenMatmul {
                 weight: w.clone(),
+                bias: fused_bias,
                 transposed: false,
             })?,
             Weight::Tensor(w) => rows.matmul(&w.t()?)?,
         };
         let (out_dim, _) = self.dims();
         let y = y.reshape([lead, &[out_dim]].concat())?;
-        match &self.bias {
+        match bias {
             Some(bias) => add_bias(&y, bias, y.rank() - 1),
             None => Ok(y),
         }
     }
 }
 
-/// `x [n, in] → x · Wᵀ [n, out]` against a packed frozen `Wᵀ`; its backward gives x's
-/// gradient only, as the same op `transposed` (recorded without a backward of its own):
-/// `g [n, out] → g · W [n, in]`.
+/// `x [n, in] → x · Wᵀ (+ b) [n, out]` against a packed frozen `Wᵀ` and an optional frozen
+/// bias; its backward gives x's gradient only, as the same op `transposed` without a bias
+/// (recorded without a backward of its own): `g [n, out] → g · W [n, in]`.
 struct FrozenMatmul {
     weight: Arc<PackedWeight>,
+    bias: Option<Tensor>,
     transposed: bool,
 }
 
@@ -174,15 +183,28 @@ impl FrozenMatmul {
             bail!("linear: the weight takes {k_expected} inputs, the input has {k}");
         }
         let mut y = Vec::with_capacity(rows * m);
-        // SAFETY: `x` holds rows × k elements, `y` room for rows × m, all of which the
-        // product writes before the length is set.
-        unsafe {
-            if self.transposed {
-                product_transposed(w, rows, x.as_ptr(), y.as_mut_ptr());
-            } else {
-                product(w, rows, x.as_ptr(), y.as_mut_ptr());
+        let mut write = |bias: Option<&[T]>| {
+            if bias.is_some_and(|b| b.len() != m) {
+                bail!(
+                    "linear: a bias of {} values for {m} outputs",
+                    bias.map_or(0, <[T]>::len)
+                );
             }
-            y.set_len(rows * m);
+            // SAFETY: `x` holds rows × k elements, `y` room for rows × m, all of which the
+            // product writes before the length is set.
+            unsafe {
+                if self.transposed {
+                    product_transposed(w, rows, x.as_ptr(), y.as_mut_ptr());
+                } else {
+                    product(w, rows, x.as_ptr(), y.as_mut_ptr(), bias);
+                }
+                y.set_len(rows * m);
+            }
+            Ok(())
+        };
+        match &self.bias {
+            Some(bias) => with_cpu_slice(bias, |b| write(Some(b)))?,
+            None => write(None)?,
         }
         Ok((y, Shape::from((rows, m))))
     }
@@ -213,6 +235,7 @@ impl CustomOp1 for FrozenMatmul {
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dx = grad.contiguous()?.apply_op1_no_bwd(&FrozenMatmul {
             weight: self.weight.clone(),
+            bias: None,
             transposed: true,
         })?;
         Ok(Some(dx))
@@ -296,5 +319,43 @@ mod tests {
         assert_eq!(loaded.dims(), (6, 5));
         // No gradient is computed, or kept, for the frozen weight.
         assert!(grads_frozen.get(&weight).is_none());
+    }
+
+    /// A frozen weight under a bias being trained: the bias is added by its own op, so it
+    /// gets its gradient (the upstream gradient summed over rows), and the output is the same
+    /// as with the bias added by the product.
+    #[test]
+    fn a_trained_bias_on_a_frozen_weight_gets_its_gradient() {
+        let dev = Device::Cpu;
+        let mut rng = NoiseStream::new(11);
+        let f64_tensor = |rng: &mut NoiseStream, shape: &[usize]| {
+            rng.tensor(shape, &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+        };
+        let weight = f64_tensor(&mut rng, &[4, 3]);
+        let bias = Var::from_tensor(&f64_tensor(&mut rng, &[4])).unwrap();
+        let x = f64_tensor(&mut rng, &[5, 3]);
+        let upstream = f64_tensor(&mut rng, &[5, 4]);
+        let trained_bias = Linear::new(weight.clone(), Some(bias.as_tensor().clone())).unwrap();
+        let frozen_bias = Linear::new(weight, Some(bias.as_tensor().detach())).unwrap();
+        assert!(matches!(trained_bias.weight, Weight::Packed(_)));
+        let y = trained_bias.forward(&x).unwrap();
+        let grads = projected_grads(&y, &upstream);
+        let db = grads.get(bias.as_tensor()).expect("the bias is trained");
+        let want = upstream.sum(0).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(diff(db, &want) < 1e-12);
+        assert!(diff(&y, &frozen_bias.forward(&x).unwrap()) < 1e-12);
     }
 }
