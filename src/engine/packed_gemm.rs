@@ -21,7 +21,7 @@ use super::cpu_kernels::{SharedMut, matmul_into_rows};
 const PANEL: usize = 64;
 
 /// Tokens per microkernel call, the width of every x86 microkernel `gemm` has.
-const NR: usize = 6;
+pub const NR: usize = 6;
 
 /// Alignment of the panels: a full microkernel row is one cache line (or several), and a
 /// load that straddles two lines costs two.
@@ -146,18 +146,59 @@ pub trait Packable: WithDType {
 /// One ISA's microkernels for one type: `table[vectors - 1][cols - 1]` computes a tile of
 /// `vectors × lanes` rows and `cols ≤ NR` columns.
 pub struct Kernels<T: 'static> {
+    /// Elements per vector register.
     lanes: usize,
     table: Vec<[MicroKernelFn<T>; NR]>,
 }
 
-impl<T> Kernels<T> {
+impl<T: Packable> Kernels<T> {
     /// Rows per full tile.
-    fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.lanes * self.table.len()
     }
 
-    fn for_tile(&self, rows: usize, cols: usize) -> MicroKernelFn<T> {
-        self.table[rows.div_ceil(self.lanes) - 1][cols - 1]
+    /// One microkernel call: `dst (+)= a · b` for a tile of `rows ≤ self.rows()` rows and
+    /// `cols ≤ NR` columns, summed over `depth`. `a` holds the tile's rows side by side, one
+    /// depth step every `a_step` elements; `b`'s element `(p, j)` (depth step, column) lies at
+    /// `p · b_step + j · b_col`; `dst`'s element `(i, j)` at `i + j · dst_col`. Without
+    /// `accumulate` the tile is overwritten.
+    ///
+    /// # Safety
+    /// The pointers must cover the elements the strides describe.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub unsafe fn tile(
+        &self,
+        (rows, cols, depth): (usize, usize, usize),
+        (dst, dst_col): (*mut T, usize),
+        (a, a_step): (*const T, usize),
+        (b, b_step, b_col): (*const T, usize, usize),
+        accumulate: bool,
+    ) {
+        let kernel = self.table[rows.div_ceil(self.lanes) - 1][cols - 1];
+        // SAFETY: the caller's.
+        unsafe {
+            kernel(
+                rows,
+                cols,
+                depth,
+                dst,
+                a,
+                b,
+                dst_col as isize,
+                1,
+                a_step as isize,
+                b_step as isize,
+                b_col as isize,
+                T::one(),
+                T::one(),
+                u8::from(accumulate),
+                false,
+                false,
+                false,
+                std::ptr::null(),
+            )
+        }
     }
 }
 
@@ -399,7 +440,6 @@ unsafe fn drive<T: Packable>(
         let scratch = &mut scratch[scratch_start..];
         for first_row in (0..k).step_by(kc) {
             let depth = kc.min(k - first_row);
-            let alpha_status = u8::from(first_row > 0);
             let last_block = first_row + depth == k;
             for first_panel in p.clone().step_by(group) {
                 let last_panel = (first_panel + group).min(p.end);
@@ -410,29 +450,16 @@ unsafe fn drive<T: Packable>(
                         let lhs = &block[(panel - first_panel) * depth * PANEL..];
                         for sub in (0..PANEL.min(m - panel * PANEL)).step_by(tile) {
                             let height = tile.min(m - panel * PANEL - sub);
+                            let corner = row * m + panel * PANEL + sub;
                             // SAFETY: the tile lies in `dst`, its depth block in `x` and
                             // `lhs`; tasks write disjoint tiles.
-                            let corner = row * m + panel * PANEL + sub;
                             unsafe {
-                                kernels.for_tile(height, cols)(
-                                    height,
-                                    cols,
-                                    depth,
-                                    dst.at(corner),
-                                    lhs[sub..].as_ptr(),
-                                    x.at(row * k + first_row),
-                                    m as isize,
-                                    1,
-                                    PANEL as isize,
-                                    1,
-                                    k as isize,
-                                    T::one(),
-                                    T::one(),
-                                    alpha_status,
-                                    false,
-                                    false,
-                                    false,
-                                    std::ptr::null(),
+                                kernels.tile(
+                                    (height, cols, depth),
+                                    (dst.at(corner), m),
+                                    (lhs[sub..].as_ptr(), PANEL),
+                                    (x.at(row * k + first_row), 1, k),
+                                    first_row > 0,
                                 )
                             };
                             if let (Some(bias), true) = (bias, last_block) {
