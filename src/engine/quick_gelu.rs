@@ -1,14 +1,16 @@
 //! QuickGELU, CLIP's activation: `x · σ(1.702 x)`.
 //!
-//! On the CPU in f32 / f64 one op computes it in one parallel pass, with the same results bit
-//! for bit, and its backward is one pass too. Composed from candle ops it is three passes on
+//! On the CPU in f32 / f64 one op computes it in one parallel, vectorised pass (the same
+//! values to rounding), and its backward is one pass too. Composed from candle ops it is three passes on
 //! the calling thread: on SD's text encoder that took a quarter of the forward pass. Other
 //! devices compose candle ops.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::cpu_kernels::{ELEMENTS_PER_TASK, Real, contiguous, with_cpu_slice, with_floats};
+use super::cpu_kernels::{
+    ELEMENTS_PER_TASK, Real, contiguous, sigmoid, with_cpu_slice, with_floats,
+};
 
 /// The slope inside the sigmoid.
 const SLOPE: f64 = 1.702;
@@ -49,46 +51,67 @@ impl CustomOp1 for FusedQuickGelu {
     }
 }
 
-/// `σ(a·x)` exactly as candle's ops compute it (`x * 1.702`, then `1 / (e^-z + 1)` with the
-/// library's `exp`), so the fused op gives the same bits as the composed one and the demo
-/// model's figures stay as measured. The library `exp` does not vectorise; running in parallel
-/// in one pass is what makes the op fast.
-#[inline(always)]
-fn gate<T: Real>(x: T) -> T {
-    ((-(x * T::from_f64(SLOPE))).exp() + T::one()).recip()
-}
-
 fn forward<T: Real>(x: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(ELEMENTS_PER_TASK)
         .zip(x.par_chunks(ELEMENTS_PER_TASK))
-        .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = x * gate(x);
-            }
-        });
+        .for_each(|(y, x)| pulp::Arch::new().dispatch(ForwardRows { x, y }));
     y
+}
+
+/// `y = x · σ(a·x)` over a run of elements, compiled for the best instruction set the CPU
+/// has: the sigmoid's exp vectorises there (the library's `exp` took a twentieth of SD's text
+/// encoder).
+struct ForwardRows<'a, T> {
+    x: &'a [T],
+    y: &'a mut [T],
+}
+
+impl<T: Real> pulp::WithSimd for ForwardRows<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let slope = T::from_f64(SLOPE);
+        for (y, &x) in self.y.iter_mut().zip(self.x) {
+            *y = x * sigmoid(slope * x);
+        }
+    }
 }
 
 /// `dx = dy · (s + a·x·s·(1 − s))` with `s = σ(a·x)`.
 fn backward_tensor<T: Real>(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    let slope = T::from_f64(SLOPE);
     let dx = with_cpu_slice::<T, _>(x, |x| {
         with_cpu_slice::<T, _>(grad, |dy| {
             let mut dx = vec![T::zero(); x.len()];
             dx.par_chunks_mut(ELEMENTS_PER_TASK)
                 .zip(x.par_chunks(ELEMENTS_PER_TASK))
                 .zip(dy.par_chunks(ELEMENTS_PER_TASK))
-                .for_each(|((dx, x), dy)| {
-                    for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                        let s = gate(x);
-                        *dx = dy * (s + slope * x * s * (T::one() - s));
-                    }
-                });
+                .for_each(|((dx, x), dy)| pulp::Arch::new().dispatch(BackwardRows { x, dy, dx }));
             Ok(dx)
         })
     })?;
     Tensor::from_vec(dx, x.shape(), &Device::Cpu)
+}
+
+/// The backward over a run of elements, as [`ForwardRows`].
+struct BackwardRows<'a, T> {
+    x: &'a [T],
+    dy: &'a [T],
+    dx: &'a mut [T],
+}
+
+impl<T: Real> pulp::WithSimd for BackwardRows<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let slope = T::from_f64(SLOPE);
+        for ((dx, &x), &dy) in self.dx.iter_mut().zip(self.x).zip(self.dy) {
+            let s = sigmoid(slope * x);
+            *dx = dy * (s + slope * x * s * (T::one() - s));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -110,8 +133,8 @@ mod tests {
         [y, grads.get(x.as_tensor()).unwrap().clone()]
     }
 
-    /// The fused op gives the composed ops' output bit for bit, and their gradient, in f64 and
-    /// f32, over both signs and the tails, on a length that is no multiple of a task.
+    /// The fused op gives the composed ops' output and gradient to rounding, in f64 and f32,
+    /// over both signs and the tails, on a length that is no multiple of a task.
     #[test]
     fn fused_quick_gelu_matches_composed_ops() {
         let mut rng = NoiseStream::new(5);
@@ -126,8 +149,8 @@ mod tests {
             );
             let [y, dx] = value_and_grad(quick_gelu, &x, &upstream);
             let [y_ref, dx_ref] = value_and_grad(composed, &x, &upstream);
-            let values = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-            assert_eq!(values(&y), values(&y_ref), "{dtype:?}: outputs differ");
+            let diff = crate::parity::relative_l2(&y, &y_ref).unwrap();
+            assert!(diff < tolerance, "{dtype:?}: y differs by {diff:e}");
             let diff = crate::parity::relative_l2(&dx, &dx_ref).unwrap();
             assert!(diff < tolerance, "{dtype:?}: dx differs by {diff:e}");
         }
