@@ -83,16 +83,37 @@ fn im2col_convolution_matches_candle_forward_and_backward() {
         let data = vars.data().lock().unwrap().clone();
         let (weight, bias) = (&data["weight"], &data["bias"]);
         let x = Var::from_tensor(&randn(&mut rng, &[b, c_in, h, w])).unwrap();
+        let reference = || {
+            x.as_tensor()
+                .conv2d(weight.as_tensor(), padding, stride, 1, 1)?
+                .broadcast_add(&bias.as_tensor().reshape((1, c_out, 1, 1))?)
+        };
         compare(
             &|| conv.forward(x.as_tensor()),
-            &|| {
-                x.as_tensor()
-                    .conv2d(weight.as_tensor(), padding, stride, 1, 1)?
-                    .broadcast_add(&bias.as_tensor().reshape((1, c_out, 1, 1))?)
-            },
+            &reference,
             &[&x, weight, bias],
             &mut rng,
             &what,
+        );
+        // Frozen weights (a loaded model): the op adds the bias itself.
+        let frozen = [("weight", weight), ("bias", bias)]
+            .map(|(name, var)| (name.to_string(), var.as_tensor().detach()))
+            .into_iter()
+            .collect();
+        let frozen = Conv2d::load(
+            VarBuilder::from_tensors(frozen, DType::F64, &DEV),
+            (c_in, c_out, k),
+            stride,
+            padding,
+            true,
+        )
+        .unwrap();
+        compare(
+            &|| frozen.forward(x.as_tensor()),
+            &reference,
+            &[&x],
+            &mut rng,
+            &format!("{what}, frozen"),
         );
     }
 }

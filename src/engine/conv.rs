@@ -16,7 +16,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::channel::add_bias;
-use super::cpu_kernels::{Real, contiguous, matmul, matmul_into_rows, with_floats};
+use super::cpu_kernels::{Real, contiguous, matmul, matmul_into_rows, with_cpu_slice, with_floats};
 use super::winograd::{Shape3x3, conv3x3, conv3x3_input_grad};
 
 /// A convolution layer (dilation 1, one group), weights `[out, in, kh, kw]`, optional bias.
@@ -65,18 +65,28 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if lowers_to_gemm(x.device(), x.dtype()) {
+        let (y, bias) = if lowers_to_gemm(x.device(), x.dtype()) {
             let (_, _, h, w) = x.dims4()?;
+            // A frozen bias is added by the op, in place; one being trained needs its own op.
+            let (fused_bias, bias) = match &self.bias {
+                Some(b) if !b.track_op() => (Some(b.contiguous()?), None),
+                other => (None, other.as_ref()),
+            };
             let op = Im2ColConv {
                 stride: self.stride,
                 padding: self.padding,
                 input_hw: (h, w),
+                bias: fused_bias,
             };
-            x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?
+            (
+                x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?,
+                bias,
+            )
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+            (y, self.bias.as_ref())
         };
-        match &self.bias {
+        match bias {
             Some(bias) => add_bias(&y, bias, 1),
             None => Ok(y),
         }
@@ -471,12 +481,15 @@ impl<T: 'static> Drop for KeptScratch<T> {
     }
 }
 
-/// The convolution itself: `(input, kernel) → output`.
+/// The convolution itself: `(input, kernel) → output (+ bias)`.
 struct Im2ColConv {
     stride: usize,
     padding: usize,
     /// Kept for the backward pass: with stride > 1 the output does not determine it.
     input_hw: (usize, usize),
+    /// A frozen per-channel bias, added to the output in place (a separate op would allocate
+    /// and zero another output: a twentieth of the demo decoder's time).
+    bias: Option<Tensor>,
 }
 
 impl CustomOp2 for Im2ColConv {
@@ -497,11 +510,13 @@ impl CustomOp2 for Im2ColConv {
             self.stride,
             self.padding,
         )?;
-        let out = with_floats!((s1, s2), |x, k| conv_forward(
-            &g,
-            contiguous(x, l1)?,
-            contiguous(k, l2)?
-        ));
+        let out = with_floats!((s1, s2), |x, k| {
+            let mut out = conv_forward(&g, contiguous(x, l1)?, contiguous(k, l2)?);
+            if let Some(bias) = &self.bias {
+                with_cpu_slice(bias, |b| add_channel_bias(&mut out, b, &g))?;
+            }
+            out
+        });
         Ok((out, Shape::from((g.batch, g.c_out, g.out_h, g.out_w))))
     }
 
@@ -531,6 +546,25 @@ impl CustomOp2 for Im2ColConv {
             .transpose()?;
         Ok((input_grad, kernel_grad))
     }
+}
+
+/// `out [batch, channels, pixels] += bias [channels]`, in place.
+fn add_channel_bias<T: Real>(out: &mut [T], bias: &[T], g: &Geometry) -> Result<()> {
+    if bias.len() != g.c_out {
+        bail!(
+            "conv2d: a bias of {} values for {} output channels",
+            bias.len(),
+            g.c_out
+        );
+    }
+    let pixels = g.out_pixels().max(1);
+    out.par_chunks_mut(pixels)
+        .enumerate()
+        .for_each(|(plane, values)| {
+            let b = bias[plane % bias.len()];
+            values.iter_mut().for_each(|v| *v += b);
+        });
+    Ok(())
 }
 
 /// Maps of at least this many pixels go through Winograd's 3×3 convolution whatever their
