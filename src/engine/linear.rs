@@ -249,6 +249,17 @@ mod tests {
     use crate::engine::noise::NoiseStream;
     use candle_core::{Device, Var};
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     /// A frozen layer computes what candle's matmul does, and passes the same input gradient
     /// back, for inputs of any rank, whether its weight is laid out as loaded (transposed) or
     /// as given.
@@ -300,22 +311,12 @@ mod tests {
         let (y_frozen, dx_frozen, grads_frozen) = run(&frozen);
         let (y_trained, dx_trained, _) = run(&trained);
         let (y_loaded, dx_loaded, _) = run(&loaded);
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
         assert_eq!(y_frozen.dims(), &[2, 3, 6]);
-        assert!(diff(&y_frozen, &y_trained) < 1e-12);
-        assert!(diff(&dx_frozen, &dx_trained) < 1e-12);
-        assert!(diff(&y_loaded, &y_trained) < 1e-12);
-        assert!(diff(&dx_loaded, &dx_trained) < 1e-12);
-        assert!(diff(&loaded.weight().unwrap(), &weight) == 0.0);
+        assert!(max_abs_diff(&y_frozen, &y_trained) < 1e-12);
+        assert!(max_abs_diff(&dx_frozen, &dx_trained) < 1e-12);
+        assert!(max_abs_diff(&y_loaded, &y_trained) < 1e-12);
+        assert!(max_abs_diff(&dx_loaded, &dx_trained) < 1e-12);
+        assert!(max_abs_diff(&loaded.weight().unwrap(), &weight) == 0.0);
         assert_eq!(loaded.dims(), (6, 5));
         // No gradient is computed, or kept, for the frozen weight.
         assert!(grads_frozen.get(&weight).is_none());
@@ -345,17 +346,7 @@ mod tests {
         let grads = projected_grads(&y, &upstream);
         let db = grads.get(bias.as_tensor()).expect("the bias is trained");
         let want = upstream.sum(0).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        assert!(diff(db, &want) < 1e-12);
-        assert!(diff(&y, &frozen_bias.forward(&x).unwrap()) < 1e-12);
+        assert!(max_abs_diff(db, &want) < 1e-12);
+        assert!(max_abs_diff(&y, &frozen_bias.forward(&x).unwrap()) < 1e-12);
     }
 }
