@@ -23,6 +23,37 @@ pub fn add_bias(x: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
         .apply_op2(&bias.contiguous()?, AddBias { axis })
 }
 
+/// A layer's bias split by who adds it: a frozen one (first) is added by the op producing the
+/// layer's output, in place; one being trained (second) needs [`add_bias`], its own op with a
+/// backward.
+pub fn split_frozen_bias(bias: Option<&Tensor>) -> Result<(Option<Tensor>, Option<&Tensor>)> {
+    Ok(match bias {
+        Some(b) if !b.track_op() => (Some(b.contiguous()?), None),
+        other => (None, other),
+    })
+}
+
+/// `x += bias` in place, `x` of `shape` and `bias` (C) along its dim `axis`: for ops that add
+/// a frozen bias to an output they own (no second buffer to allocate and zero).
+pub fn add_bias_in_place<T: Real>(
+    x: &mut [T],
+    shape: &Shape,
+    bias: &[T],
+    axis: usize,
+) -> Result<()> {
+    let ch = Channels::of(shape, axis, bias.len())?;
+    if ch.inner == 0 {
+        return Ok(());
+    }
+    x.par_chunks_mut(ch.inner)
+        .enumerate()
+        .for_each(|(plane, values)| {
+            let b = bias[plane % ch.channels];
+            values.iter_mut().for_each(|v| *v += b);
+        });
+    Ok(())
+}
+
 /// `x · scale + shift`, with `scale` and `shift` (C) along dim `axis` of `x`.
 pub fn scale_shift(x: &Tensor, scale: &Tensor, shift: &Tensor, axis: usize) -> Result<Tensor> {
     if !uses_kernels(x) {

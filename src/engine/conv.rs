@@ -15,7 +15,7 @@ use candle_nn::{Init, VarBuilder};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::channel::add_bias;
+use super::channel::{add_bias, add_bias_in_place, split_frozen_bias};
 use super::cpu_kernels::{Real, contiguous, matmul, matmul_into_rows, with_cpu_slice, with_floats};
 use super::winograd::{Shape3x3, conv3x3, conv3x3_input_grad};
 
@@ -67,11 +67,7 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = if lowers_to_gemm(x.device(), x.dtype()) {
             let (_, _, h, w) = x.dims4()?;
-            // A frozen bias is added by the op, in place; one being trained needs its own op.
-            let (fused_bias, bias) = match &self.bias {
-                Some(b) if !b.track_op() => (Some(b.contiguous()?), None),
-                other => (None, other.as_ref()),
-            };
+            let (fused_bias, bias) = split_frozen_bias(self.bias.as_ref())?;
             let op = Im2ColConv {
                 stride: self.stride,
                 padding: self.padding,
@@ -513,7 +509,8 @@ impl CustomOp2 for Im2ColConv {
         let out = with_floats!((s1, s2), |x, k| {
             let mut out = conv_forward(&g, contiguous(x, l1)?, contiguous(k, l2)?);
             if let Some(bias) = &self.bias {
-                with_cpu_slice(bias, |b| add_channel_bias(&mut out, b, &g))?;
+                let shape = Shape::from((g.batch, g.c_out, g.out_h, g.out_w));
+                with_cpu_slice(bias, |b| add_bias_in_place(&mut out, &shape, b, 1))?;
             }
             out
         });
@@ -546,25 +543,6 @@ impl CustomOp2 for Im2ColConv {
             .transpose()?;
         Ok((input_grad, kernel_grad))
     }
-}
-
-/// `out [batch, channels, pixels] += bias [channels]`, in place.
-fn add_channel_bias<T: Real>(out: &mut [T], bias: &[T], g: &Geometry) -> Result<()> {
-    if bias.len() != g.c_out {
-        bail!(
-            "conv2d: a bias of {} values for {} output channels",
-            bias.len(),
-            g.c_out
-        );
-    }
-    let pixels = g.out_pixels().max(1);
-    out.par_chunks_mut(pixels)
-        .enumerate()
-        .for_each(|(plane, values)| {
-            let b = bias[plane % bias.len()];
-            values.iter_mut().for_each(|v| *v += b);
-        });
-    Ok(())
 }
 
 /// Maps of at least this many pixels go through Winograd's 3×3 convolution whatever their

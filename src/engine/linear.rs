@@ -14,7 +14,7 @@ use candle_core::{
 };
 use candle_nn::{Init, VarBuilder};
 
-use super::channel::add_bias;
+use super::channel::{add_bias, split_frozen_bias};
 use super::cpu_kernels::with_cpu_slice;
 use super::packed_gemm::{Packable, PackedMatrix, product, product_transposed};
 
@@ -131,12 +131,10 @@ impl Module for Linear {
             bail!("a linear layer takes at least one dim, got a scalar");
         };
         let rows = x.reshape(((), in_dim))?;
-        // A frozen bias is added by the product itself; one being trained needs its own op.
-        let (fused_bias, bias) = match &self.bias {
-            Some(b) if matches!(self.weight, Weight::Packed(_)) && !b.track_op() => {
-                (Some(b.contiguous()?), None)
-            }
-            other => (None, other.as_ref()),
+        // A frozen bias is added by the packed product itself.
+        let (fused_bias, bias) = match self.weight {
+            Weight::Packed(_) => split_frozen_bias(self.bias.as_ref())?,
+            Weight::Tensor(_) => (None, self.bias.as_ref()),
         };
         let y = match &self.weight {
             Weight::Packed(w) => rows.contiguous()?.apply_op1(FrozenMatmul {

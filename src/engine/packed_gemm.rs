@@ -165,7 +165,6 @@ impl<T: Packable> Kernels<T> {
     ///
     /// # Safety
     /// The pointers must cover the elements the strides describe.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub unsafe fn tile(
         &self,

@@ -1,9 +1,9 @@
 //! QuickGELU, CLIP's activation: `x · σ(1.702 x)`.
 //!
 //! On the CPU in f32 / f64 one op computes it in one parallel, vectorised pass (the same
-//! values to rounding), and its backward is one pass too. Composed from candle ops it is three passes on
-//! the calling thread: on SD's text encoder that took a quarter of the forward pass. Other
-//! devices compose candle ops.
+//! values to rounding), and its backward is one pass too. Composed from candle ops it is three
+//! passes on the calling thread: on SD's text encoder that took a quarter of the forward pass.
+//! Other devices compose candle ops.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
