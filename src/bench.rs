@@ -12,12 +12,12 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::adapter::{AdapterConfig, ErasureAdapter};
 use crate::demo_world::architecture;
-use crate::engine::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::engine::model::{ModelSource, StableDiffusion};
-use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
-use crate::engine::unet::config::UNetConfigFile;
-use crate::engine::unet::{UNet, UNetConfig};
-use crate::engine::vae::{AutoencoderKl, VaeConfig};
+use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::models::clip::text::{ClipTextConfig, ClipTextModel};
+use crate::engine::models::unet::config::UNetConfigFile;
+use crate::engine::models::unet::{UNet, UNetConfig};
+use crate::engine::models::vae::{AutoencoderKl, VaeConfig};
+use crate::engine::{ModelSource, StableDiffusion};
 use crate::erasure::setup::Scorers;
 use crate::erasure::{preset, session};
 
@@ -203,7 +203,7 @@ pub fn run_case(name: &str, timing: Timing, device: &Device) -> anyhow::Result<B
 }
 
 fn demo_model(device: &Device) -> anyhow::Result<StableDiffusion> {
-    let source = ModelSource::folder(&crate::demo_world::demo_model_dir()?)?;
+    let source = ModelSource::named("demo")?;
     StableDiffusion::load(&source, device, DType::F32)
 }
 

@@ -16,6 +16,7 @@ pub mod images;
 pub mod parity;
 pub mod reward;
 pub mod stats;
+#[cfg(feature = "studio")]
 pub mod studio;
 pub mod threads;
 pub mod train;

@@ -1,7 +1,6 @@
 //! `erasure-studio`: the command-line entry point.
 
 mod cli;
-mod erasure_cli;
 
 fn main() {
     erasure_studio::allocator::keep_freed_memory();

@@ -10,12 +10,12 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::stack::{AdapterSpec, AdapterStack};
-use crate::engine::clip_model::ClipModel;
-use crate::engine::ddim::Ddim;
-use crate::engine::model::ModelSource;
-use crate::engine::noise::BatchNoise;
-use crate::engine::pipeline::{Conditioning, Denoiser, SampleHooks};
-use crate::engine::unet::UNet;
+use crate::engine::ModelSource;
+use crate::engine::diffusion::ddim::Ddim;
+use crate::engine::diffusion::noise::BatchNoise;
+use crate::engine::diffusion::pipeline::{Conditioning, Denoiser, SampleHooks};
+use crate::engine::models::clip::ClipModel;
+use crate::engine::models::unet::UNet;
 
 /// Runs every input group present in `inputs` and writes the outputs atomically to `out`.
 /// Returns the names of the written tensors.

@@ -8,10 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs, tiny_sd1};
 use erasure_studio::adapter::info::{AdapterInfo, fingerprint};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter, SafeDelta};
-use erasure_studio::engine::clip_text::ids_tensor;
-use erasure_studio::engine::model::{ModelSource, StableDiffusion};
-use erasure_studio::engine::noise::NoiseStream;
-use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use erasure_studio::engine::diffusion::noise::NoiseStream;
+use erasure_studio::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use erasure_studio::engine::models::clip::text::ids_tensor;
+use erasure_studio::engine::{ModelSource, StableDiffusion};
 
 fn request() -> GenerateRequest {
     GenerateRequest {
@@ -40,7 +40,7 @@ fn randomize(adapter: &ErasureAdapter, part: &str, seed: u64) {
     }
 }
 
-fn tiny_sd2_unet() -> erasure_studio::engine::unet::UNet {
+fn tiny_sd2_unet() -> erasure_studio::engine::models::unet::UNet {
     ModelSource::folder(&fixtures().join("tiny-sd2"))
         .unwrap()
         .unet(&Device::Cpu, DType::F32)
@@ -247,7 +247,7 @@ fn adapter_files_round_trip_and_refuse_other_models() {
     }
 
     // Another model (the demo model has other cross-attention layers).
-    let demo = ModelSource::folder(&erasure_studio::demo_world::demo_model_dir().unwrap())
+    let demo = ModelSource::folder(&erasure_studio::engine::io::source::demo_model_dir().unwrap())
         .unwrap()
         .unet(&Device::Cpu, DType::F32)
         .unwrap();

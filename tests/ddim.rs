@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use erasure_studio::engine::ddim::{Ddim, SchedulerConfig};
+use erasure_studio::engine::diffusion::ddim::{Ddim, SchedulerConfig};
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -92,7 +92,7 @@ fn schedules_and_steps_match_diffusers() {
 #[test]
 fn trailing_spacing_gives_exactly_the_requested_steps() {
     let config = SchedulerConfig {
-        timestep_spacing: erasure_studio::engine::ddim::TimestepSpacing::Trailing,
+        timestep_spacing: erasure_studio::engine::diffusion::ddim::TimestepSpacing::Trailing,
         ..Default::default()
     };
     // numpy's arange yields one entry too many (−1) for these counts.
@@ -107,7 +107,7 @@ fn trailing_spacing_gives_exactly_the_requested_steps() {
 #[test]
 fn step_log_prob_is_the_gaussian_density_of_the_drawn_sample() {
     let config = SchedulerConfig {
-        beta_schedule: erasure_studio::engine::ddim::BetaSchedule::ScaledLinear,
+        beta_schedule: erasure_studio::engine::diffusion::ddim::BetaSchedule::ScaledLinear,
         beta_start: 0.00085,
         beta_end: 0.012,
         clip_sample: false,
@@ -117,7 +117,7 @@ fn step_log_prob_is_the_gaussian_density_of_the_drawn_sample() {
     };
     let ddim = Ddim::new(&config, 20).unwrap();
     let dev = Device::Cpu;
-    let mut rng = erasure_studio::engine::noise::NoiseStream::new(5);
+    let mut rng = erasure_studio::engine::diffusion::noise::NoiseStream::new(5);
     let sample = rng
         .tensor((2, 4, 3, 3), &dev)
         .unwrap()

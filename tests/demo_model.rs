@@ -6,9 +6,10 @@ use candle_core::{DType, Device, Tensor};
 use erasure_studio::demo_world::judge::{Attributes, Judge};
 use erasure_studio::demo_world::quality::prompt;
 use erasure_studio::demo_world::scene::{Scene, render_batch};
-use erasure_studio::demo_world::{Background, Colour, Fill, Object, demo_model_dir};
-use erasure_studio::engine::model::{ModelSource, StableDiffusion};
-use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use erasure_studio::demo_world::{Background, Colour, Fill, Object};
+use erasure_studio::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use erasure_studio::engine::io::source::demo_model_dir;
+use erasure_studio::engine::{ModelSource, StableDiffusion};
 
 /// Mean colour (0–255) of the pixels of `image` [3, 64, 64] whose distance to `reference` is
 /// below 60, and the fraction of such pixels.

@@ -11,14 +11,14 @@ use erasure_studio::demo_world::recipe::{self, Recipe};
 use erasure_studio::demo_world::unet_training::{self, LatentDataset, UNetTraining};
 use erasure_studio::demo_world::vae_training::{self, VaePhase, VaeTraining};
 use erasure_studio::demo_world::vocab::write_tokenizer;
-use erasure_studio::engine::clip_text::ClipTextModel;
-use erasure_studio::engine::ddim::SchedulerConfig;
-use erasure_studio::engine::model::{ModelSource, StableDiffusion};
-use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
-use erasure_studio::engine::tokenizer::ClipTokenizer;
-use erasure_studio::engine::unet::UNetConfig;
-use erasure_studio::engine::unet::config::UNetConfigFile;
-use erasure_studio::engine::vae::AutoencoderKl;
+use erasure_studio::engine::diffusion::ddim::SchedulerConfig;
+use erasure_studio::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use erasure_studio::engine::models::clip::text::ClipTextModel;
+use erasure_studio::engine::models::tokenizer::ClipTokenizer;
+use erasure_studio::engine::models::unet::UNetConfig;
+use erasure_studio::engine::models::unet::config::UNetConfigFile;
+use erasure_studio::engine::models::vae::AutoencoderKl;
+use erasure_studio::engine::{ModelSource, StableDiffusion};
 use erasure_studio::train::init::seeded_var_builder;
 
 /// Mean of the first and of the last `n` losses.

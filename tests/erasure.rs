@@ -13,7 +13,7 @@ use erasure_studio::adapter::info::AdapterInfo;
 use erasure_studio::adapter::lora::{LoraAdapter, LoraFormat};
 use erasure_studio::demo_world::judge::Judge as JudgeNet;
 use erasure_studio::engine::StableDiffusion;
-use erasure_studio::engine::pipeline::{Conditioning, GenerateRequest};
+use erasure_studio::engine::diffusion::pipeline::{Conditioning, GenerateRequest};
 use erasure_studio::erasure::evaluate::{self, EVAL_SEED};
 use erasure_studio::erasure::preset::{self, Preset, PromptKind, presets_dir};
 use erasure_studio::erasure::rollout::{

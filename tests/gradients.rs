@@ -7,11 +7,11 @@ use std::collections::{HashMap, HashSet};
 
 use candle_nn::{VarBuilder, VarMap};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter, SafeDelta};
-use erasure_studio::engine::clip_text::{ClipTextConfig, ClipTextModel};
-use erasure_studio::engine::noise::NoiseStream;
-use erasure_studio::engine::unet::config::UNetConfigFile;
-use erasure_studio::engine::unet::{UNet, UNetConfig};
-use erasure_studio::engine::vae::{AutoencoderKl, VaeConfig};
+use erasure_studio::engine::diffusion::noise::NoiseStream;
+use erasure_studio::engine::models::clip::text::{ClipTextConfig, ClipTextModel};
+use erasure_studio::engine::models::unet::config::UNetConfigFile;
+use erasure_studio::engine::models::unet::{UNet, UNetConfig};
+use erasure_studio::engine::models::vae::{AutoencoderKl, VaeConfig};
 use erasure_studio::train::init::seeded_var_builder;
 
 const DEV: Device = Device::Cpu;
@@ -347,7 +347,7 @@ fn vae_decoder_gradients_match_finite_differences() {
 
 #[test]
 fn clip_model_gradients_match_finite_differences() {
-    use erasure_studio::engine::clip_model::{ClipModel, ClipModelConfig};
+    use erasure_studio::engine::models::clip::{ClipModel, ClipModelConfig};
     let cfg: ClipModelConfig = serde_json::from_str(
         r#"{"text_config": {"vocab_size": 30, "hidden_size": 12, "intermediate_size": 16,
               "num_hidden_layers": 1, "num_attention_heads": 3, "max_position_embeddings": 6},
@@ -398,8 +398,8 @@ fn clip_model_gradients_match_finite_differences() {
 /// tiny fixture model: its gradient on the adapter's variables against central differences.
 #[test]
 fn ppo_and_preservation_gradients_through_the_adapter_match_finite_differences() {
-    use erasure_studio::engine::ddim::Ddim;
-    use erasure_studio::engine::pipeline::{Conditioning, GenerateRequest};
+    use erasure_studio::engine::diffusion::ddim::Ddim;
+    use erasure_studio::engine::diffusion::pipeline::{Conditioning, GenerateRequest};
     use erasure_studio::engine::{ModelSource, StableDiffusion};
     use erasure_studio::erasure::ppo::clipped_loss;
     use erasure_studio::erasure::rollout::{Trajectories, step_log_prob, step_output_drift};

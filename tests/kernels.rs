@@ -6,9 +6,9 @@ mod common;
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::rel_l2;
-use erasure_studio::engine::channel::{add_bias, scale_shift};
-use erasure_studio::engine::conv::Conv2d;
-use erasure_studio::engine::noise::NoiseStream;
+use erasure_studio::engine::diffusion::noise::NoiseStream;
+use erasure_studio::engine::nn::channel::{add_bias, scale_shift};
+use erasure_studio::engine::nn::conv::Conv2d;
 
 const DEV: Device = Device::Cpu;
 

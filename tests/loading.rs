@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, rel_l2, temp_dir};
-use erasure_studio::engine::model::ModelSource;
+use erasure_studio::engine::ModelSource;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -209,7 +209,7 @@ fn hugging_face_cache_snapshot_is_found_through_refs_main() {
     std::fs::create_dir_all(other.join("refs")).unwrap();
     std::fs::write(other.join("refs/main"), "x").unwrap();
     assert_eq!(
-        erasure_studio::engine::model::hf_cached_pipelines(&[root.to_path_buf()]),
+        erasure_studio::engine::io::hf_cache::hf_cached_pipelines(&[root.to_path_buf()]),
         vec!["tiny-org/tiny-sd1".to_string()]
     );
     // Through the CLI, with HF_HUB_CACHE set for the child only.
@@ -234,7 +234,8 @@ fn hugging_face_cache_snapshot_is_found_through_refs_main() {
 }
 
 fn hf_cache_snapshot_in(root: &Path, repo: &str) -> Option<std::path::PathBuf> {
-    erasure_studio::engine::model::hf_cache_snapshot_under(&[root.to_path_buf()], repo).unwrap()
+    erasure_studio::engine::io::hf_cache::hf_cache_snapshot_under(&[root.to_path_buf()], repo)
+        .unwrap()
 }
 
 #[test]

@@ -14,11 +14,11 @@ use erasure_studio::adapter::export::{LoraExport, LoraLayout};
 use erasure_studio::adapter::lora::{LoraAdapter, LoraFormat};
 use erasure_studio::adapter::stack::{AdapterSpec, AdapterStack};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter, SafeDelta};
+use erasure_studio::engine::ModelSource;
 use erasure_studio::engine::StableDiffusion;
-use erasure_studio::engine::clip_text::ids_tensor;
-use erasure_studio::engine::model::ModelSource;
-use erasure_studio::engine::noise::NoiseStream;
-use erasure_studio::engine::unet::UNetHook;
+use erasure_studio::engine::diffusion::noise::NoiseStream;
+use erasure_studio::engine::models::clip::text::ids_tensor;
+use erasure_studio::engine::models::unet::UNetHook;
 use erasure_studio::parity;
 
 /// An adapter on the tiny model with every variable random (seeded), so each part matters.

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::{fixtures, load, rel_l2, temp_dir};
-use erasure_studio::engine::model::ModelSource;
+use erasure_studio::engine::ModelSource;
 use erasure_studio::parity;
 
 const TOLERANCE: f64 = 1e-4;
@@ -69,7 +69,7 @@ fn clip_model_matches_transformers() {
 
 #[test]
 fn tokenizer_json_format_gives_the_same_ids() {
-    use erasure_studio::engine::tokenizer::ClipTokenizer;
+    use erasure_studio::engine::models::tokenizer::ClipTokenizer;
     let dir = fixtures();
     let from_json = ClipTokenizer::from_dir(&dir.join("tokenizer-json").join("tokenizer")).unwrap();
     let from_vocab = ClipTokenizer::from_dir(&dir.join("tiny-sd1").join("tokenizer")).unwrap();
@@ -106,7 +106,7 @@ fn tokenizer_json_format_gives_the_same_ids() {
 /// transformers 5.24's `CLIPTokenizer` on the same folder.
 #[test]
 fn added_tokens_are_matched_whole() {
-    use erasure_studio::engine::tokenizer::ClipTokenizer;
+    use erasure_studio::engine::models::tokenizer::ClipTokenizer;
     let dir = common::temp_dir("added-tokens").join("tokenizer");
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(fixtures().join("tiny-sd1").join("tokenizer")).unwrap() {

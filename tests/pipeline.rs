@@ -4,8 +4,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, rel_l2, temp_dir, tiny_sd1};
-use erasure_studio::engine::model::{ModelSource, StableDiffusion};
-use erasure_studio::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
+use erasure_studio::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
+use erasure_studio::engine::{ModelSource, StableDiffusion};
 
 fn request(prompts: &[&str], seed: u64, eta: f64) -> GenerateRequest {
     GenerateRequest {

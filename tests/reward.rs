@@ -1,8 +1,8 @@
 //! CLIP scoring with the demo model's CLIP on images straight from the world generator.
 
 use candle_core::{D, DType, Device, Tensor};
-use erasure_studio::demo_world::demo_model_dir;
 use erasure_studio::demo_world::scene::{Background, Colour, Fill, Object, Scene, render_batch};
+use erasure_studio::engine::io::source::demo_model_dir;
 use erasure_studio::images;
 use erasure_studio::reward::cer::{
     CerWeights, ClipDetector, ConceptDetector, concept_erasing_reward, filter_words, replace_words,
@@ -212,7 +212,7 @@ fn the_clip_detector_sees_its_concept_and_the_reward_combines_its_parts() {
 fn shipped_clip_reads_objects_on_generated_images() {
     use erasure_studio::demo_world::clip_generated::generate;
     use erasure_studio::demo_world::clip_training::zero_shot_accuracy_on;
-    use erasure_studio::engine::tokenizer::ClipTokenizer;
+    use erasure_studio::engine::models::tokenizer::ClipTokenizer;
     use erasure_studio::engine::{ModelSource, StableDiffusion};
 
     let dir = demo_model_dir().unwrap();
@@ -224,7 +224,7 @@ fn shipped_clip_reads_objects_on_generated_images() {
     .unwrap();
     // Half of them with η = 1, as the erasure trainer samples.
     let set = generate(&sd, 128, 0.5, 12345).unwrap();
-    let model = erasure_studio::engine::clip_model::ClipModel::load(
+    let model = erasure_studio::engine::models::clip::ClipModel::load(
         &dir.join("clip"),
         &Device::Cpu,
         DType::F32,

@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use common::{max_abs, tiny_sd1};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter};
 use erasure_studio::engine::StableDiffusion;
-use erasure_studio::engine::noise::NoiseStream;
-use erasure_studio::engine::pipeline::GenerateRequest;
+use erasure_studio::engine::diffusion::noise::NoiseStream;
+use erasure_studio::engine::diffusion::pipeline::GenerateRequest;
 use erasure_studio::erasure::rollout::{sample, step_log_prob};
 
 fn request(eta: f64) -> GenerateRequest {

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::{Delta, ErasureAdapter, low_rank};
 use crate::engine::StableDiffusion;
-use crate::engine::ddim::PredictionType;
+use crate::engine::diffusion::ddim::PredictionType;
 
 /// The LoRA layouts an adapter exports to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use super::info::{self, AdapterInfo, BaseModel};
 use super::{AdapterConfig, ErasureAdapter};
 use crate::engine::StableDiffusion;
-use crate::engine::unet::UNet;
+use crate::engine::models::unet::UNet;
 
 const FORMAT_KEY: &str = "format";
 const FORMAT: &str = "erasure-studio-adapter/2";

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::unet::UNet;
+use crate::engine::models::unet::UNet;
 
 /// The model an adapter was trained on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Result as CandleResult, Tensor};
 
-use crate::engine::unet::{AdaptableLayer, CrossAttnLayer, UNet, UNetHook};
+use crate::engine::models::unet::{AdaptableLayer, CrossAttnLayer, UNet, UNetHook};
 
 /// Which naming a LoRA file uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

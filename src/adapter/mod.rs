@@ -21,7 +21,7 @@ use candle_core::{D, DType, Device, Result, Tensor, bail};
 use candle_nn::{Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::unet::{CrossAttnLayer, UNet, UNetHook};
+use crate::engine::models::unet::{CrossAttnLayer, UNet, UNetHook};
 use crate::train::init::seeded_var_builder;
 use info::AdapterInfo;
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result as CandleResult, Tensor};
 
 use super::ErasureAdapter;
 use super::lora::{LoraAdapter, LoraFormat};
-use crate::engine::unet::{CrossAttnLayer, UNet, UNetHook};
+use crate::engine::models::unet::{CrossAttnLayer, UNet, UNetHook};
 
 /// An adapter file loaded for sampling: this project's native adapter or a LoRA.
 pub enum LoadedAdapter {

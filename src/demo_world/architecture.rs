@@ -6,10 +6,10 @@
 
 use serde_json::{Value, json};
 
-use crate::engine::clip_model::ClipModelConfig;
-use crate::engine::unet::UNetConfig;
-use crate::engine::unet::config::UNetConfigFile;
-use crate::engine::vae::VaeConfig;
+use crate::engine::models::clip::ClipModelConfig;
+use crate::engine::models::unet::UNetConfig;
+use crate::engine::models::unet::config::UNetConfigFile;
+use crate::engine::models::vae::VaeConfig;
 
 /// Token sequence length (with start and end tokens): world prompts take at most 12.
 pub const TOKEN_LENGTH: usize = 24;

@@ -20,9 +20,9 @@ use super::clip_training::{ClipTraining, MAX_LOGIT_SCALE, attribute_text_feature
 use super::judge::Attributes;
 use super::scene::Scene;
 use crate::engine::StableDiffusion;
-use crate::engine::clip_model::{ClipModel, unit_length};
-use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
-use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::models::clip::{ClipModel, unit_length};
+use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::train::run::{self, Progress, Run, Schedule, sorted_params, step_rng};
 use crate::train::{AdamW, AdamWConfig};
 

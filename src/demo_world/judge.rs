@@ -8,13 +8,13 @@ use anyhow::Context;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::engine::linear::Linear;
+use crate::engine::nn::linear::Linear;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::scene::{Background, Colour, Fill, Object, Scene, render_batch};
-use crate::engine::conv::Conv2d;
+use crate::engine::nn::conv::Conv2d;
 use crate::engine::nn::{GroupNorm, conv2d, group_norm, linear};
 use crate::train::init::seeded_var_builder;
 use crate::train::run::sorted_params;
@@ -175,9 +175,9 @@ impl Judge {
     }
 
     pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Self> {
-        let config: JudgeConfig = crate::engine::config::read_json(&dir.join("config.json"))?;
+        let config: JudgeConfig = crate::engine::io::config::read_json(&dir.join("config.json"))?;
         let files = [dir.join("model.safetensors")];
-        let vb = crate::engine::weights::WeightFiles::open(&files, &[])?
+        let vb = crate::engine::io::weights::WeightFiles::open(&files, &[])?
             .into_var_builder(DType::F32, device);
         Self::new(vb, &config).with_context(|| format!("loading judge {}", dir.display()))
     }

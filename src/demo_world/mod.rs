@@ -17,39 +17,3 @@ pub mod vocab;
 
 pub use captions::Caption;
 pub use scene::{Background, Colour, Fill, Object, Scene};
-
-use std::path::PathBuf;
-
-/// Environment variable naming the demo model folder, overriding the search below.
-pub const DEMO_MODEL_ENV: &str = "ERASURE_STUDIO_DEMO_MODEL";
-
-/// The built-in demo model's folder: `$ERASURE_STUDIO_DEMO_MODEL`, else `assets/demo-model`
-/// beside the executable or in the source tree it was built from.
-pub fn demo_model_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os(DEMO_MODEL_ENV) {
-        let dir = PathBuf::from(dir);
-        anyhow::ensure!(
-            dir.join("model_index.json").is_file(),
-            "{DEMO_MODEL_ENV}={} is not a model folder (no model_index.json)",
-            dir.display()
-        );
-        return Ok(dir);
-    }
-    let beside_exe = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("assets/demo-model")));
-    let source_tree = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo-model"));
-    let candidates: Vec<PathBuf> = beside_exe.into_iter().chain([source_tree]).collect();
-    candidates
-        .iter()
-        .find(|dir| dir.join("model_index.json").is_file())
-        .cloned()
-        .ok_or_else(|| {
-            let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-            anyhow::anyhow!(
-                "the built-in demo model was not found (looked in {}); set {DEMO_MODEL_ENV} to its folder, \
-                 or rebuild it with `erasure-studio demo-world train --out DIR`",
-                looked.join(", ")
-            )
-        })
-}

@@ -6,8 +6,8 @@ use serde::Serialize;
 use super::captions::Caption;
 use super::judge::{self, Attributes, Judge};
 use super::scene::{Background, Colour, Fill, Object, Scene};
-use crate::engine::model::StableDiffusion;
-use crate::engine::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::StableDiffusion;
+use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
 use crate::train::run::step_rng;
 
 /// How generations are made for the measurement.

@@ -19,11 +19,11 @@ use super::clip_training::{self, ClipTraining, IMAGE_MEAN, IMAGE_STD};
 use super::unet_training::{self, LatentDataset, UNetTraining};
 use super::vae_training::{self, VaePhase, VaeTraining};
 use super::vocab;
+use crate::engine::ModelSource;
 use crate::engine::StableDiffusion;
-use crate::engine::clip_model::ClipModel;
-use crate::engine::ddim::SchedulerConfig;
-use crate::engine::model::ModelSource;
-use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::diffusion::ddim::SchedulerConfig;
+use crate::engine::models::clip::ClipModel;
+use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::train::init::seeded_var_builder;
 use crate::train::run::{print_every, seconds_recorded};
 
@@ -194,7 +194,7 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let log_path = out.join(LOG_FILE);
     let mut log: TrainingLog = if log_path.exists() {
-        crate::engine::config::read_json(&log_path)?
+        crate::engine::io::config::read_json(&log_path)?
     } else {
         TrainingLog::default()
     };

@@ -9,8 +9,8 @@ use candle_nn::VarMap;
 use rand::Rng;
 
 use super::scene::{IMAGE_SIZE, Scene, render_batch};
-use crate::engine::noise::NoiseStream;
-use crate::engine::vae::{AutoencoderKl, VaeConfig};
+use crate::engine::diffusion::noise::NoiseStream;
+use crate::engine::models::vae::{AutoencoderKl, VaeConfig};
 use crate::train::init::seeded_var_builder;
 use crate::train::run::{self, Progress, Run, Schedule, sorted_params, step_rng};
 use crate::train::{AdamW, AdamWConfig};

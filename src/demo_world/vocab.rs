@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::captions::Caption;
 use super::scene::Scene;
-use crate::engine::tokenizer::{END_OF_WORD, bytes_to_unicode};
+use crate::engine::models::tokenizer::{END_OF_WORD, bytes_to_unicode};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
@@ -135,7 +135,7 @@ pub fn write_tokenizer(
 mod tests {
     use super::*;
     use crate::demo_world::{Background, Colour, Fill, Object};
-    use crate::engine::tokenizer::ClipTokenizer;
+    use crate::engine::models::tokenizer::ClipTokenizer;
 
     #[test]
     fn every_world_word_is_one_token_and_other_text_still_tokenizes() {

@@ -15,7 +15,7 @@ use crate::adapter::ErasureAdapter;
 use crate::adapter::info::AdapterInfo;
 use crate::adapter::stack::{AdapterStack, LoadedAdapter};
 use crate::engine::StableDiffusion;
-use crate::engine::unet::UNetHook;
+use crate::engine::models::unet::UNetHook;
 use crate::images;
 use crate::reward::clip::ClipScorer;
 use crate::reward::judge::{Judge, Reading};

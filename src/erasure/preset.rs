@@ -448,6 +448,8 @@ fn validate_detector(spec: &DetectorSpec, field: &str) -> anyhow::Result<()> {
                 &format!("{field}.classes"),
                 "needs at least one NudeNet class",
             )?;
+            crate::reward::nudenet::require_runtime()
+                .with_context(|| format!("field `{field}.kind` = \"nudenet\""))?;
             crate::reward::nudenet::class_indices(classes)
                 .with_context(|| format!("field `{field}.classes`"))?;
             require(

@@ -12,10 +12,10 @@ use candle_core::{Result, Tensor};
 
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
-use crate::engine::ddim::{Ddim, Transition};
-use crate::engine::noise::BatchNoise;
-use crate::engine::pipeline::{Conditioning, GenerateRequest, latent_shape};
-use crate::engine::unet::UNetHook;
+use crate::engine::diffusion::ddim::{Ddim, Transition};
+use crate::engine::diffusion::noise::BatchNoise;
+use crate::engine::diffusion::pipeline::{Conditioning, GenerateRequest, latent_shape};
+use crate::engine::models::unet::UNetHook;
 
 /// One batch of sampled trajectories.
 pub struct Trajectories {

@@ -10,26 +10,16 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 
 use super::preset::{DetectorSpec, Preset};
-use crate::demo_world::demo_model_dir;
 use crate::demo_world::judge::Judge as DemoJudgeNet;
-use crate::engine::StableDiffusion;
-use crate::engine::model::{ModelSource, hf_cache_snapshot};
+use crate::engine::io::hf_cache::hf_cache_snapshot;
+use crate::engine::{ModelSource, StableDiffusion};
 use crate::reward::cer::{ClipDetector, ConceptDetector, ErasureReward};
 use crate::reward::clip::ClipScorer;
 use crate::reward::judge::{DemoJudge, Judge, ThresholdJudge};
-use crate::reward::nudenet::NudeNet;
-
-/// A model by name: `demo` (the built-in demo model), a diffusers folder, or a cached repo id.
-pub fn model_source(spec: &str) -> anyhow::Result<ModelSource> {
-    match spec {
-        "demo" => ModelSource::folder(&demo_model_dir()?),
-        spec => ModelSource::resolve(spec),
-    }
-}
 
 /// Loads the model named by `spec` in f32.
 pub fn load_model(spec: &str, device: &Device) -> anyhow::Result<StableDiffusion> {
-    StableDiffusion::load(&model_source(spec)?, device, DType::F32)
+    StableDiffusion::load(&ModelSource::named(spec)?, device, DType::F32)
         .with_context(|| format!("loading model `{spec}`"))
 }
 
@@ -109,7 +99,7 @@ impl<'a> Scorers<'a> {
                 format!("CLIP zero-shot ({model}) on {concept_texts:?} against {neutral_texts:?}"),
             ),
             DetectorSpec::Nudenet { model, classes, .. } => (
-                Box::new(NudeNet::load(model, classes)?),
+                nudenet_detector(model, classes)?,
                 format!("NudeNet ({}) on {classes:?}", model.display()),
             ),
             DetectorSpec::DemoJudge { attribute, value } => (
@@ -170,4 +160,16 @@ fn demo_judge(
         );
     }
     DemoJudge::new(DemoJudgeNet::load(&dir, device)?, attribute, value)
+}
+
+#[cfg(feature = "nudenet")]
+fn nudenet_detector(model: &Path, classes: &[String]) -> anyhow::Result<Box<dyn ConceptDetector>> {
+    Ok(Box::new(crate::reward::nudenet::NudeNet::load(
+        model, classes,
+    )?))
+}
+
+#[cfg(not(feature = "nudenet"))]
+fn nudenet_detector(_: &Path, _: &[String]) -> anyhow::Result<Box<dyn ConceptDetector>> {
+    bail!(crate::reward::nudenet::MISSING_RUNTIME)
 }

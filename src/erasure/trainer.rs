@@ -21,7 +21,7 @@ use super::preset::SamplingSpec;
 use super::rollout::{self, Trajectories};
 use crate::adapter::{AdapterConfig, ErasureAdapter};
 use crate::engine::StableDiffusion;
-use crate::engine::pipeline::{Conditioning, GenerateRequest, decode_images};
+use crate::engine::diffusion::pipeline::{Conditioning, GenerateRequest, decode_images};
 use crate::reward::cer::{
     CerWeights, ErasureReward, RewardComponents, filter_words, replace_words,
 };

@@ -8,9 +8,9 @@ use candle_core::{D, DType, Device, Tensor};
 use image::imageops::FilterType;
 use serde::Deserialize;
 
-use crate::engine::clip_model::{ClipModel, unit_length};
-use crate::engine::clip_text::ids_tensor;
-use crate::engine::tokenizer::ClipTokenizer;
+use crate::engine::models::clip::text::ids_tensor;
+use crate::engine::models::clip::{ClipModel, unit_length};
+use crate::engine::models::tokenizer::ClipTokenizer;
 
 /// The parts of `preprocessor_config.json` that decide the image tower's input.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,7 +35,7 @@ struct CropSize {
 
 impl Preprocessor {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        crate::engine::config::read_json(path)
+        crate::engine::io::config::read_json(path)
     }
 
     /// Images [B, 3, H, W] in [0, 1] → normalised pixels for the image tower, prepared as

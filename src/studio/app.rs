@@ -11,7 +11,7 @@ use super::state::StudioState;
 use super::textures::Textures;
 use super::views;
 use super::worker::{Command, Interrupt, WorkerHandle};
-use crate::engine::model::{hf_cache_roots, hf_cached_pipelines};
+use crate::engine::io::hf_cache::{hf_cache_roots, hf_cached_pipelines};
 
 /// The studio's whole state: what the worker reported, what the user typed, and the textures.
 pub struct StudioApp {

@@ -17,8 +17,8 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
-use crate::engine::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
-use crate::engine::unet::UNetHook;
+use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
+use crate::engine::models::unet::UNetHook;
 use crate::erasure::evaluate::{self, Report};
 use crate::erasure::export::{self, ExportComparison, ExportFormat};
 use crate::erasure::preset::{self, Preset};
