@@ -14,16 +14,19 @@ use erasure_studio::adapter::lora::{LoraAdapter, LoraFormat};
 use erasure_studio::demo_world::judge::Judge as JudgeNet;
 use erasure_studio::engine::StableDiffusion;
 use erasure_studio::engine::diffusion::pipeline::{Conditioning, GenerateRequest};
-use erasure_studio::erasure::evaluate::{self, EVAL_SEED};
+use erasure_studio::erasure::config::{Baseline, DdpoConfig};
+use erasure_studio::erasure::evaluate;
+use erasure_studio::erasure::metrics::EpochMetrics;
 use erasure_studio::erasure::preset::{self, Preset, PromptKind, presets_dir};
+use erasure_studio::erasure::render::render;
 use erasure_studio::erasure::rollout::{
     Trajectories, sample, step_anchor_distance, step_output_drift,
 };
-use erasure_studio::erasure::session::{self, RunDir, RunEnd, RunObserver, RunOptions};
+use erasure_studio::erasure::seeds;
+use erasure_studio::erasure::session::{RunDir, RunEnd, RunObserver, RunOptions};
 use erasure_studio::erasure::setup;
-use erasure_studio::erasure::trainer::{
-    Baseline, DdpoConfig, EpochMetrics, ErasureTrainer, TrainingPrompts, anchor_prompts,
-};
+use erasure_studio::erasure::trainer::{ErasureTrainer, TrainingPrompts, anchor_prompts};
+use erasure_studio::erasure::workbench::Workbench;
 use erasure_studio::reward::cer::{CerWeights, ErasureReward};
 use erasure_studio::reward::clip::ClipScorer;
 use erasure_studio::reward::judge::{DemoJudge, Judge};
@@ -263,8 +266,7 @@ fn a_micro_ddpo_run_raises_the_reward_and_repeats_exactly() {
         .collect();
     let black_share = |t: &ErasureTrainer| {
         let adapter = t.adapter().detached();
-        let images =
-            session::render(&sd, &preset, &fixed, session::PREVIEW_SEED, Some(&adapter)).unwrap();
+        let images = render(&sd, &preset, &fixed, seeds::PREVIEW, Some(&adapter)).unwrap();
         let readings = judge.read(&images).unwrap();
         readings.iter().filter(|r| r.concept).count() as f64 / readings.len() as f64
     };
@@ -475,16 +477,10 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     let root = common::temp_dir("erasure-resume");
     let options = RunOptions { preview_every: 2 };
     let straight = root.join("straight");
-    let end = session::start(
-        micro_preset(3),
-        None,
-        &straight,
-        &device,
-        options,
-        &|| false,
-        &mut Quiet,
-    )
-    .unwrap();
+    let mut workbench = Workbench::load("demo", &device).unwrap();
+    let end = workbench
+        .start_run(micro_preset(3), &straight, options, &|| false, &mut Quiet)
+        .unwrap();
     assert!(matches!(end, RunEnd::Finished { .. }), "{end:?}");
     let dir = RunDir::new(&straight);
     let metrics = dir.read_metrics().unwrap();
@@ -510,18 +506,11 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
     assert!(info.method.unwrap().contains("DDPO"));
     assert_eq!(info.training.unwrap()["epochs"], 3);
     assert!(
-        session::start(
-            micro_preset(3),
-            None,
-            &straight,
-            &device,
-            options,
-            &|| false,
-            &mut Quiet
-        )
-        .unwrap_err()
-        .to_string()
-        .contains("--resume")
+        workbench
+            .start_run(micro_preset(3), &straight, options, &|| false, &mut Quiet)
+            .unwrap_err()
+            .to_string()
+            .contains("--resume")
     );
 
     // Stopped in the middle of epoch 2's training passes: epoch 2 is discarded, the
@@ -538,21 +527,22 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
         let poll = polls.fetch_add(1, Ordering::SeqCst) + 1;
         poll == polls_per_epoch + 7 + rounds_per_update + 1
     };
-    let end = session::start(
-        micro_preset(3),
-        None,
-        &interrupted,
-        &device,
-        options,
-        &stop_mid_epoch_2,
-        &mut Quiet,
-    )
-    .unwrap();
+    let end = workbench
+        .start_run(
+            micro_preset(3),
+            &interrupted,
+            options,
+            &stop_mid_epoch_2,
+            &mut Quiet,
+        )
+        .unwrap();
     assert_eq!(end, RunEnd::Stopped { epochs_done: 1 });
     let dir = RunDir::new(&interrupted);
     assert!(!dir.adapter().exists());
     assert_eq!(dir.read_metrics().unwrap().len(), 1);
-    let end = session::resume(&interrupted, &device, options, &|| false, &mut Quiet).unwrap();
+    let end = workbench
+        .resume_run(&interrupted, options, &|| false, &mut Quiet)
+        .unwrap();
     assert!(matches!(end, RunEnd::Finished { .. }), "{end:?}");
     assert_eq!(
         adapter_tensors(&dir.adapter()),
@@ -570,18 +560,12 @@ fn an_interrupted_run_resumes_to_the_same_adapter() {
 
     // Evaluation of the finished run writes a report with its seeds and a grid.
     let preset = dir.load_preset().unwrap();
-    let report = evaluate::evaluate_adapter(
-        &preset,
-        &dir.adapter(),
-        &interrupted,
-        false,
-        &device,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let report = workbench
+        .evaluate(&preset, &dir.adapter(), &interrupted, false, &mut |_, _| {})
+        .unwrap();
     assert_eq!(report.sets.len(), 3);
     assert_eq!(report.sets[0].set, "target");
-    assert_eq!(report.sets[0].first_seed, EVAL_SEED);
+    assert_eq!(report.sets[0].first_seed, seeds::EVALUATION);
     for set in &report.sets {
         assert_eq!(set.images, 2 * set.prompts.len());
         assert!((0.0..=1.0).contains(&set.concept_rate_erased));
@@ -624,12 +608,14 @@ fn an_untrained_adapter_evaluates_as_the_original_model() {
     let device = Device::Cpu;
     let root = common::temp_dir("erasure-identity");
     let preset = micro_preset(1);
-    let sd = setup::load_model("demo", &device).unwrap();
+    let mut workbench = Workbench::load("demo", &device).unwrap();
+    let sd = workbench.sd();
     let adapter = ErasureAdapter::new(&sd.unet, preset.adapter, 0, DType::F32, &device).unwrap();
     let path = root.join("fresh.safetensors");
-    adapter.save(&path, &sd, &AdapterInfo::default()).unwrap();
-    let report =
-        evaluate::evaluate_adapter(&preset, &path, &root, true, &device, &mut |_, _| {}).unwrap();
+    adapter.save(&path, sd, &AdapterInfo::default()).unwrap();
+    let report = workbench
+        .evaluate(&preset, &path, &root, true, &mut |_, _| {})
+        .unwrap();
     // The file now records the concept rates it was evaluated at.
     let recorded = ErasureAdapter::read_info(&path)
         .unwrap()

@@ -234,7 +234,7 @@ fn a_worker_error_is_shown_not_fatal() {
 fn studio_with_fixed_content() -> Harness<'static, StudioApp> {
     use erasure_studio::demo_world::Scene;
     use erasure_studio::demo_world::scene::render_batch;
-    use erasure_studio::erasure::trainer::{EpochMetrics, Spread};
+    use erasure_studio::erasure::metrics::{EpochMetrics, Spread};
     use erasure_studio::studio::worker::{Comparison, Event, Picture};
     use rand::SeedableRng;
 

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::bail;
+use erasure_studio::erasure::metrics::EpochMetrics;
 use erasure_studio::erasure::preset;
-use erasure_studio::erasure::session::{self, Preview, RunEnd, RunObserver, RunOptions};
-use erasure_studio::erasure::trainer::EpochMetrics;
+use erasure_studio::erasure::session::{self, Preview, RunDir, RunEnd, RunObserver, RunOptions};
+use erasure_studio::erasure::workbench::Workbench;
 
 use super::args::DeviceArg;
 
@@ -63,6 +64,10 @@ impl RunObserver for PrintProgress {
     fn preview(&mut self, preview: &Preview) {
         println!("  wrote {}", preview.path.display());
     }
+
+    fn notice(&mut self, message: &str) {
+        eprintln!("{message}");
+    }
 }
 
 /// Ctrl-C asks the run to stop; it saves a checkpoint and returns.
@@ -90,28 +95,30 @@ pub fn run(args: EraseArgs) -> anyhow::Result<()> {
     };
     let mut observer = PrintProgress;
     let (end, run) = match (&args.resume, &args.preset, &args.out) {
-        (Some(run), _, _) => (
-            session::resume(run, device, options, &stop, &mut observer)?,
-            run.clone(),
-        ),
+        (Some(run), _, _) => {
+            let preset = RunDir::new(run).load_preset()?;
+            let mut workbench = Workbench::load(&preset.model, device)?;
+            (
+                workbench.resume_run(run, options, &stop, &mut observer)?,
+                run.clone(),
+            )
+        }
         (None, Some(name), Some(out)) => {
             let mut preset = preset::find(name)?;
+            if let Some(model) = &args.model {
+                preset.model = model.clone();
+            }
             if let Some(epochs) = args.epochs {
                 if epochs == 0 {
                     bail!("--epochs must be at least 1");
                 }
                 preset.ddpo.epochs = epochs;
             }
+            // Refused before the model loads, which takes a while.
+            session::ensure_no_run(out)?;
+            let mut workbench = Workbench::load(&preset.model, device)?;
             (
-                session::start(
-                    preset,
-                    args.model.as_deref(),
-                    out,
-                    device,
-                    options,
-                    &stop,
-                    &mut observer,
-                )?,
+                workbench.start_run(preset, out, options, &stop, &mut observer)?,
                 out.clone(),
             )
         }

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+use erasure_studio::erasure::workbench::Workbench;
 use erasure_studio::erasure::{evaluate, preset, session};
 
 use super::args::{DeviceArg, EvaluationSize};
@@ -35,15 +36,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let (mut preset, adapter_path, out) = match (&args.run, &args.adapter) {
         (Some(run), _) => {
             let dir = session::RunDir::new(run);
-            let adapter = dir.adapter();
-            if !adapter.is_file() {
-                bail!(
-                    "{} has no adapter.safetensors yet: the run has not finished \
-                     (continue it with `erasure-studio erase --resume {}`)",
-                    run.display(),
-                    run.display()
-                );
-            }
+            let adapter = dir.finished_adapter()?;
             let out = args.out.clone().unwrap_or_else(|| run.clone());
             (dir.load_preset()?, adapter, out)
         }
@@ -59,14 +52,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     args.evaluation.apply(&mut preset);
     preset.validate()?;
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create output folder {}", out.display()))?;
+    let mut workbench = Workbench::load(&preset.model, device)?;
     // A run's own adapter file records its evaluation; a file given by path is left as it is.
     let record = args.run.is_some();
-    let report =
-        evaluate::evaluate_adapter(&preset, &adapter_path, &out, record, device, &mut |d, t| {
-            eprint!("\r{d}/{t} images")
-        })?;
+    let report = workbench.evaluate(&preset, &adapter_path, &out, record, &mut |d, t| {
+        eprint!("\r{d}/{t} images")
+    })?;
     eprintln!();
     print!("{}", report.summary());
     println!(

@@ -1,12 +1,15 @@
 //! `export`: a run's adapter as the native file or a kohya / PEFT LoRA, with what a LoRA keeps
 //! of the erasure measured next to the full adapter.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
+use candle_core::DType;
 use erasure_studio::adapter::ErasureAdapter;
-use erasure_studio::erasure::export::{self, ExportFormat};
-use erasure_studio::erasure::{evaluate, session, setup};
+use erasure_studio::erasure::evaluate;
+use erasure_studio::erasure::export::ExportFormat;
+use erasure_studio::erasure::session::RunDir;
+use erasure_studio::erasure::workbench::{ExportJob, ExportProgress, Workbench};
 
 use super::args::{DeviceArg, EvaluationSize};
 
@@ -36,53 +39,33 @@ pub struct ExportArgs {
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let device = &args.device.open()?;
-    let dir = session::RunDir::new(&args.run);
-    let adapter_path = dir.adapter();
-    if !adapter_path.is_file() {
-        bail!(
-            "{} has no adapter.safetensors yet: the run has not finished (continue it with \
-             `erasure-studio erase --resume {}`)",
-            args.run.display(),
-            args.run.display()
-        );
-    }
-    let mut preset = dir.load_preset()?;
-    args.evaluation.apply(&mut preset);
-    preset.validate()?;
-    let sd = setup::load_model(&preset.model, device)?;
-    let adapter = ErasureAdapter::load(&adapter_path, &sd.unet, candle_core::DType::F32, device)?;
     if args.format == ExportFormat::Native && args.fold_rank.is_some() {
         bail!(
             "--fold-rank applies to LoRA exports (kohya, peft); a native file keeps the whole adapter"
         );
     }
-    let title = format!("{} erased ({})", preset.concept, preset.name);
-    export::write(
-        &adapter,
-        &sd,
-        args.format,
-        args.fold_rank,
-        &title,
-        &args.out,
-    )?;
-    println!("wrote {}", args.out.display());
-    if args.format == ExportFormat::Native || args.no_compare {
-        return Ok(());
-    }
-    println!(
-        "a LoRA cannot hold the Safe Adapter (it acts on the last {} tokens only); measuring \
-         what the export keeps of the erasure on the held-out target prompts…",
-        adapter.config().tail_tokens
-    );
+    let dir = RunDir::new(&args.run);
+    let adapter_path = dir.finished_adapter()?;
+    let mut preset = dir.load_preset()?;
+    args.evaluation.apply(&mut preset);
+    preset.validate()?;
+    let mut workbench = Workbench::load(&preset.model, device)?;
+    let sd = workbench.sd();
+    let adapter = ErasureAdapter::load(&adapter_path, &sd.unet, DType::F32, &sd.device)?;
     let report = evaluate::read_report(&args.run);
-    let comparison = export::compare(
-        &sd,
-        &preset,
-        &adapter,
-        &args.out,
-        report.as_ref(),
-        &mut |d, t| eprint!("\r{d}/{t} images"),
-    )?;
+    let job = ExportJob {
+        format: args.format,
+        fold_rank: args.fold_rank,
+        out: &args.out,
+        compare_on: (!args.no_compare).then_some((&preset, report.as_ref())),
+    };
+    let mut progress = PrintProgress {
+        out: &args.out,
+        tail_tokens: adapter.config().tail_tokens,
+    };
+    let Some(comparison) = workbench.export(&adapter, &job, &mut progress)? else {
+        return Ok(());
+    };
     eprintln!();
     println!("{}", comparison.summary());
     if !comparison.keeps_most() && args.fold_rank.is_none() {
@@ -92,4 +75,27 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Says what was written and why a LoRA export is measured, then counts the images drawn.
+struct PrintProgress<'a> {
+    out: &'a Path,
+    tail_tokens: usize,
+}
+
+impl ExportProgress for PrintProgress<'_> {
+    fn written(&mut self, measuring: bool) {
+        println!("wrote {}", self.out.display());
+        if measuring {
+            println!(
+                "a LoRA cannot hold the Safe Adapter (it acts on the last {} tokens only); \
+                 measuring what the export keeps of the erasure on the held-out target prompts…",
+                self.tail_tokens
+            );
+        }
+    }
+
+    fn images(&mut self, done: usize, total: usize) {
+        eprint!("\r{done}/{total} images");
+    }
 }

@@ -9,8 +9,11 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::preset::spread;
 use super::preset::{Preset, PromptKind};
-use super::session::{image_size, render, spread};
+use super::render::{image_size, render};
+use super::seeds;
+use super::setup::Scorers;
 use crate::adapter::ErasureAdapter;
 use crate::adapter::info::AdapterInfo;
 use crate::adapter::stack::{AdapterStack, LoadedAdapter};
@@ -21,8 +24,6 @@ use crate::reward::clip::ClipScorer;
 use crate::reward::judge::{Judge, Reading};
 use crate::stats::mean_std;
 
-/// Evaluation image `i` uses seed `EVAL_SEED + i`: far above every training seed (< 2^32).
-pub const EVAL_SEED: u64 = 1 << 40;
 /// Prompts per sampling batch (each with every seed).
 const PROMPTS_PER_BATCH: usize = 4;
 /// Prompts of each set shown in the comparison grid.
@@ -173,7 +174,7 @@ impl Evaluation<'_> {
             .map(|(_, p)| 2 * p.len() * spec.seeds_per_prompt)
             .sum();
         let mut done = 0;
-        let mut first_seed = EVAL_SEED;
+        let mut first_seed = seeds::EVALUATION;
         let mut reports = Vec::new();
         let mut grid_rows = Vec::new();
         for (name, prompts) in &sets {
@@ -347,7 +348,13 @@ pub fn target_concept_rate(
     let batch = PROMPTS_PER_BATCH * spec.seeds_per_prompt;
     let mut found = 0;
     for (b, chunk) in per_image.chunks(batch).enumerate() {
-        let images = render(sd, preset, chunk, EVAL_SEED + (b * batch) as u64, adapter)?;
+        let images = render(
+            sd,
+            preset,
+            chunk,
+            seeds::EVALUATION + (b * batch) as u64,
+            adapter,
+        )?;
         found += judge.read(&images)?.iter().filter(|r| r.concept).count();
         progress(
             (b * batch + chunk.len()).min(per_image.len()),
@@ -396,19 +403,20 @@ pub fn read_report(folder: &Path) -> Option<Report> {
 pub const REPORT_FILE: &str = "report.json";
 pub const GRID_FILE: &str = "comparison.png";
 
-/// Loads the model, judge and adapter (a native file or a LoRA) a preset names and evaluates
-/// the adapter, writing `report.json` and `comparison.png` into `out`. With `record`, a native
-/// adapter file also gets the concept rates in its metadata (rewritten atomically).
+/// Evaluates the adapter at `adapter_path` (a native file or a LoRA) on `sd`, the model the
+/// preset names, with the preset's judge from `scorers`, writing `report.json` and
+/// `comparison.png` into `out`. With `record`, a native adapter file also gets the concept
+/// rates in its metadata (rewritten atomically).
 pub fn evaluate_adapter(
+    sd: &StableDiffusion,
+    scorers: &mut Scorers,
     preset: &Preset,
     adapter_path: &Path,
     out: &Path,
     record: bool,
-    device: &candle_core::Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<Report> {
-    let sd = super::setup::load_model(&preset.model, device)?;
-    let mut scorers = super::setup::Scorers::new(sd.source.root(), device);
+    let device = &sd.device;
     let (reward, reward_detector) = scorers.reward(preset)?;
     let judge = scorers.judge(preset)?;
     let adapter = LoadedAdapter::load(adapter_path, &sd.unet, DType::F32, device)?;
@@ -416,7 +424,7 @@ pub fn evaluate_adapter(
         adapters: vec![adapter],
     };
     let evaluation = Evaluation {
-        sd: &sd,
+        sd,
         preset,
         adapter: &stack,
         judge: judge.as_ref(),
@@ -435,7 +443,7 @@ pub fn evaluate_adapter(
             evaluation: Some(report.rates()),
             ..native.info().clone()
         };
-        native.save(adapter_path, &sd, &info)?;
+        native.save(adapter_path, sd, &info)?;
     }
     Ok(report)
 }

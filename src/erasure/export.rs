@@ -8,13 +8,12 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use super::evaluate::{Report, target_concept_rate};
-use super::preset::{Preset, PromptKind};
-use super::session::spread;
-use super::setup::Scorers;
+use super::preset::{Preset, PromptKind, spread};
 use crate::adapter::ErasureAdapter;
 use crate::adapter::export::{LoraExport, LoraLayout};
 use crate::adapter::lora::LoraAdapter;
 use crate::engine::StableDiffusion;
+use crate::reward::judge::Judge;
 
 /// The file formats an adapter exports to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +67,19 @@ pub fn write(
         .with_context(|| format!("cannot write {}", out.display()))
 }
 
+/// The title a LoRA export carries (in other tools' model lists): the concept and preset of
+/// `preset` when known, else those the adapter file records.
+pub fn title(adapter: &ErasureAdapter, preset: Option<&Preset>) -> String {
+    let info = adapter.info();
+    let concept = preset.map(|p| &p.concept).or(info.concept.as_ref());
+    let preset = preset.map(|p| &p.name).or(info.preset.as_ref());
+    match (concept, preset) {
+        (Some(concept), Some(preset)) => format!("{concept} erased ({preset})"),
+        (Some(concept), None) => format!("{concept} erased"),
+        (None, _) => "erasure".to_string(),
+    }
+}
+
 /// How often the judge finds the concept on the held-out target prompts: originally, with the
 /// full adapter, and with an exported file, all at the same prompts and seeds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -101,13 +113,13 @@ impl ExportComparison {
 /// preset's evaluation settings; otherwise they are measured too.
 pub fn compare(
     sd: &StableDiffusion,
+    judge: &dyn Judge,
     preset: &Preset,
     adapter: &ErasureAdapter,
     exported: &Path,
     report: Option<&Report>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> anyhow::Result<ExportComparison> {
-    let judge = Scorers::new(sd.source.root(), &sd.device).judge(preset)?;
     let lora = LoraAdapter::load(exported, &sd.unet, DType::F32, &sd.device)?;
     let spec = &preset.evaluation;
     let prompts = spread(&preset.split(PromptKind::Target)?.1, spec.max_prompts);
@@ -119,15 +131,14 @@ pub fn compare(
                 .iter()
                 .find(|s| s.set == "target" && s.prompts == prompts)
         });
-    let exported_rate =
-        target_concept_rate(sd, preset, judge.as_ref(), Some(&lora), &mut *progress)?;
+    let exported_rate = target_concept_rate(sd, preset, judge, Some(&lora), &mut *progress)?;
     let (original, full) = match reported {
         Some(t) => (t.concept_rate_original, t.concept_rate_erased),
         None => {
             let detached = adapter.detached();
             (
-                target_concept_rate(sd, preset, judge.as_ref(), None, &mut *progress)?,
-                target_concept_rate(sd, preset, judge.as_ref(), Some(&detached), progress)?,
+                target_concept_rate(sd, preset, judge, None, &mut *progress)?,
+                target_concept_rate(sd, preset, judge, Some(&detached), progress)?,
             )
         }
     };

@@ -6,12 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::trainer::DdpoConfig;
+use super::config::{DdpoConfig, SamplingSpec, require};
+use super::seeds;
 use crate::adapter::{AdapterConfig, SafeDelta};
 use crate::reward::cer::CerWeights;
 
@@ -78,9 +77,18 @@ pub struct PromptSet {
     pub held_out: f64,
 }
 
-/// Seed of the fixed shuffles that pick prompts (held out for evaluation, or shown), so every
-/// run of a preset picks the same ones.
-pub const PROMPT_SHUFFLE_SEED: u64 = 0x5eed;
+/// Up to `n` of `items`, drawn by a fixed shuffle (a stride would alias with the order in which
+/// templates expand), kept in their original order.
+pub fn spread(items: &[String], n: usize) -> Vec<String> {
+    if items.len() <= n {
+        return items.to_vec();
+    }
+    let mut picked: Vec<usize> = (0..items.len()).collect();
+    picked.shuffle(&mut seeds::prompt_shuffle());
+    picked.truncate(n);
+    picked.sort_unstable();
+    picked.into_iter().map(|i| items[i].clone()).collect()
+}
 
 fn default_held_out() -> f64 {
     0.25
@@ -153,31 +161,6 @@ pub enum DetectorSpec {
 
 fn half() -> f64 {
     0.5
-}
-
-/// How images are sampled, in training and evaluation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SamplingSpec {
-    pub steps: usize,
-    pub guidance_scale: f64,
-    /// DDIM η of training trajectories (> 0); evaluation samples deterministically.
-    pub eta: f64,
-    pub negative_prompt: String,
-    /// Image side in pixels; the model's native size when absent.
-    pub size: Option<usize>,
-}
-
-impl Default for SamplingSpec {
-    fn default() -> Self {
-        Self {
-            steps: 20,
-            guidance_scale: 7.5,
-            eta: 1.0,
-            negative_prompt: String::new(),
-            size: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -340,7 +323,7 @@ impl Preset {
             PromptKind::Neutral => &p.neutral,
         };
         let mut all = expand(templates, &p.variables)?;
-        all.shuffle(&mut ChaCha8Rng::seed_from_u64(PROMPT_SHUFFLE_SEED));
+        all.shuffle(&mut seeds::prompt_shuffle());
         let n = all.len();
         let held = if n == 0 || p.held_out == 0.0 {
             0
@@ -406,14 +389,6 @@ pub fn names() -> Vec<String> {
             names
         })
         .unwrap_or_default()
-}
-
-fn require(ok: bool, field: &str, what: &str) -> anyhow::Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        bail!("field `{field}` {what}")
-    }
 }
 
 fn validate_detector(spec: &DetectorSpec, field: &str) -> anyhow::Result<()> {

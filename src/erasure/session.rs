@@ -8,27 +8,22 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
+use candle_core::Tensor;
 
-use super::preset::PROMPT_SHUFFLE_SEED;
-use super::preset::{Preset, PromptKind};
-use super::setup::{self, Scorers};
-use super::trainer::{EpochMetrics, ErasureTrainer, TrainingPrompts};
+use super::metrics::EpochMetrics;
+use super::preset::{Preset, PromptKind, spread};
+use super::render::{image_size, render};
+use super::seeds;
+use super::setup::Scorers;
+use super::trainer::{ErasureTrainer, TrainingPrompts};
 use crate::adapter::ErasureAdapter;
 use crate::adapter::info::AdapterInfo;
 use crate::engine::StableDiffusion;
-use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
-use crate::engine::models::unet::UNetHook;
 use crate::fs::write_atomic;
 use crate::images;
 use crate::reward::cer::ErasureReward;
 use crate::train::run::{SECONDS_KEY, seconds_in};
 
-/// Seed of the preview grids' first column; far from training (< 2^32) and evaluation seeds.
-pub const PREVIEW_SEED: u64 = 1 << 41;
 /// Columns of the preview grids: held-out target prompts, then neighbours, then neutral ones.
 const PREVIEW_TARGETS: usize = 4;
 const PREVIEW_OTHERS: usize = 2;
@@ -56,6 +51,19 @@ impl RunDir {
     }
     pub fn adapter(&self) -> PathBuf {
         self.root.join("adapter.safetensors")
+    }
+    /// The run's trained adapter, or an error that says how to finish the run.
+    pub fn finished_adapter(&self) -> anyhow::Result<PathBuf> {
+        let adapter = self.adapter();
+        if !adapter.is_file() {
+            bail!(
+                "{} has no adapter.safetensors yet: the run has not finished (continue it with \
+                 `erasure-studio erase --resume {}`, or Resume in the studio)",
+                self.root.display(),
+                self.root.display()
+            );
+        }
+        Ok(adapter)
     }
     pub fn samples(&self) -> PathBuf {
         self.root.join("samples")
@@ -120,6 +128,9 @@ pub trait RunObserver {
     fn epoch(&mut self, metrics: &EpochMetrics, total_epochs: usize);
     /// A preview grid was written.
     fn preview(&mut self, _preview: &Preview) {}
+    /// Something the run did that the user should know about (resuming, a skipped update),
+    /// in words.
+    fn notice(&mut self, _message: &str) {}
 }
 
 /// How a run call ended.
@@ -144,29 +155,11 @@ impl Default for RunOptions {
     }
 }
 
-/// Starts a new run of `preset` in `out` (which must not hold a run already), on `model` or the
-/// preset's own model.
+/// Starts a new run of `preset` in `out` (which must not hold a run already) on `sd`, a model
+/// loaded from `preset.model`, scored by `scorers` (built on `sd`).
 pub fn start(
-    mut preset: Preset,
-    model: Option<&str>,
-    out: &Path,
-    device: &Device,
-    options: RunOptions,
-    stop: &(dyn Fn() -> bool + Sync),
-    observer: &mut dyn RunObserver,
-) -> anyhow::Result<RunEnd> {
-    if let Some(model) = model {
-        preset.model = model.to_string();
-    }
-    preset.validate()?;
-    ensure_no_run(out)?;
-    let sd = setup::load_model(&preset.model, device)?;
-    start_on(&sd, preset, out, options, stop, observer)
-}
-
-/// Starts a new run of `preset` in `out` on `sd`, a model already loaded from `preset.model`.
-pub fn start_on(
     sd: &StableDiffusion,
+    scorers: &mut Scorers,
     preset: Preset,
     out: &Path,
     options: RunOptions,
@@ -179,10 +172,11 @@ pub fn start_on(
     std::fs::create_dir_all(dir.samples())
         .with_context(|| format!("cannot create run folder {}", out.display()))?;
     write_atomic(&dir.preset(), preset.to_toml()?.as_bytes())?;
-    execute(&dir, &preset, sd, options, stop, observer)
+    execute(&dir, &preset, sd, scorers, options, stop, observer)
 }
 
-fn ensure_no_run(out: &Path) -> anyhow::Result<()> {
+/// Refuses a folder that already holds a run: a new run never overwrites one.
+pub fn ensure_no_run(out: &Path) -> anyhow::Result<()> {
     if RunDir::new(out).preset().exists() {
         bail!(
             "{} already holds a run; continue it with `--resume {}` or choose another --out",
@@ -193,22 +187,11 @@ fn ensure_no_run(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Continues the run in `run`, from its checkpoint.
+/// Continues the run in `run` from its checkpoint, on `sd` (a model loaded from the run's
+/// `preset.model`) and its `scorers`.
 pub fn resume(
-    run: &Path,
-    device: &Device,
-    options: RunOptions,
-    stop: &(dyn Fn() -> bool + Sync),
-    observer: &mut dyn RunObserver,
-) -> anyhow::Result<RunEnd> {
-    let preset = RunDir::new(run).load_preset()?;
-    let sd = setup::load_model(&preset.model, device)?;
-    resume_on(&sd, run, options, stop, observer)
-}
-
-/// Continues the run in `run` on `sd`, a model already loaded from the run's `preset.model`.
-pub fn resume_on(
     sd: &StableDiffusion,
+    scorers: &mut Scorers,
     run: &Path,
     options: RunOptions,
     stop: &(dyn Fn() -> bool + Sync),
@@ -216,7 +199,7 @@ pub fn resume_on(
 ) -> anyhow::Result<RunEnd> {
     let dir = RunDir::new(run);
     let preset = dir.load_preset()?;
-    execute(&dir, &preset, sd, options, stop, observer)
+    execute(&dir, &preset, sd, scorers, options, stop, observer)
 }
 
 /// The prompts of the preview grids' columns.
@@ -226,19 +209,6 @@ pub fn preview_prompts(preset: &Preset) -> anyhow::Result<Vec<String>> {
     prompts.extend(spread(&held_out(PromptKind::Neighbours)?, PREVIEW_OTHERS));
     prompts.extend(spread(&held_out(PromptKind::Neutral)?, PREVIEW_OTHERS));
     Ok(prompts)
-}
-
-/// Up to `n` of `items`, drawn by a fixed shuffle (a stride would alias with the order in which
-/// templates expand), kept in their original order.
-pub fn spread(items: &[String], n: usize) -> Vec<String> {
-    if items.len() <= n {
-        return items.to_vec();
-    }
-    let mut picked: Vec<usize> = (0..items.len()).collect();
-    picked.shuffle(&mut ChaCha8Rng::seed_from_u64(PROMPT_SHUFFLE_SEED));
-    picked.truncate(n);
-    picked.sort_unstable();
-    picked.into_iter().map(|i| items[i].clone()).collect()
 }
 
 /// A fresh trainer for `preset` on `sd`, scored by `reward` (the preset's own).
@@ -263,61 +233,25 @@ pub fn new_trainer<'a>(
     )
 }
 
-/// The image side a preset samples at on `sd`.
-pub fn image_size(preset: &Preset, sd: &StableDiffusion) -> anyhow::Result<usize> {
-    match (preset.sampling.size, sd.native_size()) {
-        (Some(size), _) => Ok(size),
-        (None, Some((h, _))) => Ok(h),
-        (None, None) => {
-            bail!("the model gives no native image size; set `sampling.size` in the preset")
-        }
-    }
-}
-
-/// Renders `prompts` (one seed each, from `seed`) deterministically, with `hook` if given.
-pub fn render(
-    sd: &StableDiffusion,
-    preset: &Preset,
-    prompts: &[String],
-    seed: u64,
-    hook: Option<&dyn UNetHook>,
-) -> anyhow::Result<Tensor> {
-    let size = image_size(preset, sd)?;
-    let request = GenerateRequest {
-        prompts: prompts.to_vec(),
-        negative_prompt: preset.sampling.negative_prompt.clone(),
-        seed,
-        steps: preset.evaluation.steps,
-        guidance_scale: preset.sampling.guidance_scale,
-        width: size,
-        height: size,
-        eta: 0.0,
-    };
-    let hooks = SampleHooks {
-        adapter: hook,
-        on_step: None,
-    };
-    Ok(txt2img(sd, &request, hooks)?.1)
-}
-
 fn execute(
     dir: &RunDir,
     preset: &Preset,
     sd: &StableDiffusion,
+    scorers: &mut Scorers,
     options: RunOptions,
     stop: &(dyn Fn() -> bool + Sync),
     observer: &mut dyn RunObserver,
 ) -> anyhow::Result<RunEnd> {
-    let (reward, _) = Scorers::new(sd.source.root(), &sd.device).reward(preset)?;
+    let (reward, _) = scorers.reward(preset)?;
     let mut trainer = new_trainer(preset, sd, &reward)?;
     let mut earlier_seconds = 0.0;
     if dir.checkpoint().exists() {
         earlier_seconds = seconds_in(&trainer.load_checkpoint(&dir.checkpoint())?);
-        eprintln!(
+        observer.notice(&format!(
             "resuming {} after epoch {}",
             dir.root.display(),
             trainer.epochs_done()
-        );
+        ));
     }
     // Epochs after the checkpoint were interrupted before it was written: they run again.
     let mut metrics: Vec<EpochMetrics> = dir
@@ -329,7 +263,7 @@ fn execute(
 
     let preview = preview_prompts(preset)?;
     let original_grid = dir.samples().join("original.png");
-    let originals = render(sd, preset, &preview, PREVIEW_SEED, None)?;
+    let originals = render(sd, preset, &preview, seeds::PREVIEW, None)?;
     if !original_grid.exists() {
         images::save_png(&images::grid(&originals, preview.len())?, &original_grid)?;
     }
@@ -346,7 +280,11 @@ fn execute(
     };
     let total = preset.ddpo.epochs;
     while trainer.epochs_done() < total {
-        let Some(m) = trainer.run_epoch(stop)? else {
+        let epoch = trainer.run_epoch(stop)?;
+        for notice in trainer.take_notices() {
+            observer.notice(&notice);
+        }
+        let Some(m) = epoch else {
             save(&trainer, seconds())?;
             return Ok(RunEnd::Stopped {
                 epochs_done: trainer.epochs_done(),
@@ -364,7 +302,7 @@ fn execute(
         if (done % options.preview_every.max(1) == 0 && !stop()) || done == total {
             let path = dir.samples().join(format!("epoch-{done:04}.png"));
             let adapter = trainer.adapter().detached();
-            let erased = render(sd, preset, &preview, PREVIEW_SEED, Some(&adapter))?;
+            let erased = render(sd, preset, &preview, seeds::PREVIEW, Some(&adapter))?;
             let both = Tensor::cat(&[&originals, &erased], 0)?;
             images::save_png(&images::grid(&both, preview.len())?, &path)?;
             observer.preview(&Preview {

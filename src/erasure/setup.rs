@@ -51,28 +51,28 @@ fn clip_folder(spec: &str, model_root: &Path) -> anyhow::Result<PathBuf> {
 
 /// Builds the reward and the judge a preset describes for a model in `model_root`, loading each
 /// CLIP model once however many parts use it.
-pub struct Scorers<'a> {
-    model_root: &'a Path,
-    device: &'a Device,
+pub struct Scorers {
+    model_root: PathBuf,
+    device: Device,
     clips: HashMap<PathBuf, Arc<ClipScorer>>,
 }
 
-impl<'a> Scorers<'a> {
-    pub fn new(model_root: &'a Path, device: &'a Device) -> Self {
+impl Scorers {
+    pub fn new(model_root: &Path, device: &Device) -> Self {
         Self {
-            model_root,
-            device,
+            model_root: model_root.to_path_buf(),
+            device: device.clone(),
             clips: HashMap::new(),
         }
     }
 
     fn clip(&mut self, spec: &str) -> anyhow::Result<Arc<ClipScorer>> {
-        let dir = clip_folder(spec, self.model_root)?;
+        let dir = clip_folder(spec, &self.model_root)?;
         if let Some(clip) = self.clips.get(&dir) {
             return Ok(clip.clone());
         }
         let clip = Arc::new(
-            ClipScorer::load(&dir, self.device)
+            ClipScorer::load(&dir, &self.device)
                 .with_context(|| format!("loading CLIP model {}", dir.display()))?,
         );
         self.clips.insert(dir, clip.clone());
@@ -103,7 +103,12 @@ impl<'a> Scorers<'a> {
                 format!("NudeNet ({}) on {classes:?}", model.display()),
             ),
             DetectorSpec::DemoJudge { attribute, value } => (
-                Box::new(demo_judge(self.model_root, self.device, attribute, value)?),
+                Box::new(demo_judge(
+                    &self.model_root,
+                    &self.device,
+                    attribute,
+                    value,
+                )?),
                 format!("demo judge ({attribute} = {value})"),
             ),
         })
@@ -130,7 +135,7 @@ impl<'a> Scorers<'a> {
     pub fn judge(&mut self, preset: &Preset) -> anyhow::Result<Box<dyn Judge>> {
         Ok(match &preset.judge {
             DetectorSpec::DemoJudge { attribute, value } => Box::new(
-                demo_judge(self.model_root, self.device, attribute, value)
+                demo_judge(&self.model_root, &self.device, attribute, value)
                     .context("field `judge`")?,
             ),
             spec @ (DetectorSpec::Clip { threshold, .. }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::worker::{Comparison, Event, Picture};
 use crate::erasure::evaluate::Report;
-use crate::erasure::trainer::EpochMetrics;
+use crate::erasure::metrics::EpochMetrics;
 
 /// Where the current run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +196,7 @@ impl StudioState {
                     }
                 }
             }
+            Event::Notice(text) => self.info(text),
             Event::Error(text) => {
                 self.messages.push(Message {
                     text,
@@ -234,7 +235,7 @@ impl StudioState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::erasure::trainer::Spread;
+    use crate::erasure::metrics::Spread;
 
     fn epoch(n: usize) -> EpochMetrics {
         let s = Spread {

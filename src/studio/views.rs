@@ -10,7 +10,7 @@ use super::app::StudioApp;
 use super::state::{RunStatus, StudioState};
 use super::worker::{Command, Comparison};
 use crate::erasure::export::ExportFormat;
-use crate::erasure::trainer::{EpochMetrics, Spread};
+use crate::erasure::metrics::{EpochMetrics, Spread};
 
 /// Side of a picture on screen.
 const PICTURE: f32 = 128.0;

@@ -20,11 +20,11 @@ use crate::engine::StableDiffusion;
 use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
 use crate::engine::models::unet::UNetHook;
 use crate::erasure::evaluate::{self, Report};
-use crate::erasure::export::{self, ExportComparison, ExportFormat};
+use crate::erasure::export::{ExportComparison, ExportFormat};
+use crate::erasure::metrics::EpochMetrics;
 use crate::erasure::preset::{self, Preset};
-use crate::erasure::session::{self, Preview, RunDir, RunEnd, RunObserver, RunOptions};
-use crate::erasure::setup;
-use crate::erasure::trainer::EpochMetrics;
+use crate::erasure::session::{Preview, RunDir, RunEnd, RunObserver, RunOptions};
+use crate::erasure::workbench::{ExportJob, ExportProgress, Workbench};
 use crate::images;
 
 /// An RGB image ready for the screen.
@@ -172,6 +172,8 @@ pub enum Event {
         /// preset is known to measure it on.
         comparison: Option<ExportComparison>,
     },
+    /// Something a job did that the user should know about (resuming, a skipped update).
+    Notice(String),
     /// A job failed; the worker carries on.
     Error(String),
 }
@@ -274,14 +276,12 @@ impl EventSink {
     }
 }
 
-struct LoadedModel {
-    spec: String,
-    sd: StableDiffusion,
-}
+/// Why a job that needs a model cannot run.
+const NO_MODEL: &str = "no model is loaded: pick one in the Model panel first";
 
 struct Worker {
     device: Device,
-    model: Option<LoadedModel>,
+    model: Option<Workbench>,
     adapter: Option<ErasureAdapter>,
     /// The folder of the run the current adapter comes from, if it does.
     adapter_run: Option<PathBuf>,
@@ -332,7 +332,7 @@ impl Worker {
             }
             Command::Evaluate { run } => self.evaluate(&run),
             Command::LoadAdapter { path } => {
-                let sd = &self.model()?.sd;
+                let sd = self.model()?.sd();
                 let adapter = ErasureAdapter::load(&path, &sd.unet, DType::F32, &sd.device)?;
                 let description = describe_adapter(&adapter, &path.display().to_string());
                 self.adapter = Some(adapter);
@@ -354,10 +354,8 @@ impl Worker {
         }
     }
 
-    fn model(&self) -> anyhow::Result<&LoadedModel> {
-        self.model
-            .as_ref()
-            .context("no model is loaded: pick one in the Model panel first")
+    fn model(&self) -> anyhow::Result<&Workbench> {
+        self.model.as_ref().context(NO_MODEL)
     }
 
     fn load_model(&mut self, spec: &str) -> anyhow::Result<()> {
@@ -365,12 +363,9 @@ impl Worker {
         self.model = None;
         self.adapter = None;
         self.adapter_run = None;
-        let sd = setup::load_model(spec, &self.device)?;
-        let description = describe_model(spec, &sd);
-        self.model = Some(LoadedModel {
-            spec: spec.to_string(),
-            sd,
-        });
+        let workbench = Workbench::load(spec, &self.device)?;
+        let description = describe_model(spec, workbench.sd());
+        self.model = Some(workbench);
         self.events.send(Event::ModelLoaded {
             spec: spec.to_string(),
             description,
@@ -380,7 +375,7 @@ impl Worker {
     }
 
     fn export(
-        &self,
+        &mut self,
         path: PathBuf,
         format: ExportFormat,
         fold_rank: Option<usize>,
@@ -388,33 +383,24 @@ impl Worker {
         let Some(adapter) = &self.adapter else {
             bail!("there is no adapter to export yet: train one or load an adapter file")
         };
-        let sd = &self.model()?.sd;
-        let title = adapter
-            .info()
-            .concept
-            .clone()
-            .unwrap_or_else(|| "erasure".into());
-        export::write(adapter, sd, format, fold_rank, &title, &path)?;
-        let comparison = if format == ExportFormat::Native {
-            None
-        } else {
-            // The preset and report of the adapter's run, else the preset its file names.
-            let run = self.adapter_run.as_deref();
-            let preset = match (run, &adapter.info().preset) {
-                (Some(run), _) => Some(RunDir::new(run).load_preset()?),
-                (None, Some(name)) => preset::find(name).ok(),
-                (None, None) => None,
-            };
-            let report = run.and_then(evaluate::read_report);
-            let events = &self.events;
-            preset
-                .map(|preset| {
-                    export::compare(sd, &preset, adapter, &path, report.as_ref(), &mut |d, t| {
-                        events.send(Event::EvaluationProgress { done: d, total: t })
-                    })
-                })
-                .transpose()?
+        // A LoRA export is measured on the preset and report of the adapter's run, else on the
+        // preset its file names.
+        let run = self.adapter_run.as_deref();
+        let preset = match (format, run, &adapter.info().preset) {
+            (ExportFormat::Native, _, _) => None,
+            (_, Some(run), _) => Some(RunDir::new(run).load_preset()?),
+            (_, None, Some(name)) => preset::find(name).ok(),
+            (_, None, None) => None,
         };
+        let report = run.and_then(evaluate::read_report);
+        let job = ExportJob {
+            format,
+            fold_rank,
+            out: &path,
+            compare_on: preset.as_ref().map(|p| (p, report.as_ref())),
+        };
+        let workbench = self.model.as_mut().context(NO_MODEL)?;
+        let comparison = workbench.export(adapter, &job, &mut ForwardImages(&self.events))?;
         self.events
             .send(Event::AdapterExported { path, comparison });
         Ok(())
@@ -427,7 +413,6 @@ impl Worker {
         run: &Path,
         preview_every: usize,
     ) -> anyhow::Result<()> {
-        let loaded = self.model()?;
         let dir = RunDir::new(run);
         let (wanted, total_epochs) = match &preset {
             Some(p) => (p.model.clone(), p.ddpo.epochs),
@@ -436,12 +421,7 @@ impl Worker {
                 (p.model, p.ddpo.epochs)
             }
         };
-        if wanted != loaded.spec {
-            bail!(
-                "this run is for model `{wanted}` but `{}` is loaded; load `{wanted}` first",
-                loaded.spec
-            );
-        }
+        self.model()?.ensure_serves(&wanted)?;
         self.events.send(Event::RunStarted {
             run: run.to_path_buf(),
             total_epochs,
@@ -457,9 +437,10 @@ impl Worker {
             events: &self.events,
             adapter: None,
         };
+        let workbench = self.model.as_mut().context(NO_MODEL)?;
         let end = match preset {
-            Some(p) => session::start_on(&loaded.sd, p, run, options, &stop, &mut observer),
-            None => session::resume_on(&loaded.sd, run, options, &stop, &mut observer),
+            Some(p) => workbench.start_run(p, run, options, &stop, &mut observer),
+            None => workbench.resume_run(run, options, &stop, &mut observer),
         };
         if let Some((adapter, epoch)) = observer.adapter.take() {
             let source = format!("{} after epoch {epoch}", run.display());
@@ -472,7 +453,7 @@ impl Worker {
         }
         match end? {
             RunEnd::Finished { adapter, seconds } => {
-                let sd = &self.model()?.sd;
+                let sd = self.model()?.sd();
                 let file = ErasureAdapter::load(&adapter, &sd.unet, DType::F32, &sd.device)?;
                 let description = describe_adapter(&file, &adapter.display().to_string());
                 self.adapter = Some(file);
@@ -498,7 +479,7 @@ impl Worker {
         settings: &SampleSettings,
         init: Option<(&Path, f64)>,
     ) -> anyhow::Result<Comparison> {
-        let sd = &self.model()?.sd;
+        let sd = self.model()?.sd();
         let size = sd.native_size().map_or(512, |(h, _)| h);
         let request = GenerateRequest {
             prompts: vec![settings.prompt.clone()],
@@ -535,23 +516,11 @@ impl Worker {
     }
 
     fn evaluate(&mut self, run: &Path) -> anyhow::Result<()> {
-        let dir = RunDir::new(run);
-        let preset = dir.load_preset()?;
-        if !dir.adapter().is_file() {
-            bail!(
-                "{} has no finished adapter yet: finish (resume) the run before evaluating it",
-                run.display()
-            );
-        }
         let events = &self.events;
-        let report = evaluate::evaluate_adapter(
-            &preset,
-            &dir.adapter(),
-            run,
-            true,
-            &self.device,
-            &mut |d, t| events.send(Event::EvaluationProgress { done: d, total: t }),
-        )?;
+        let workbench = self.model.as_mut().context(NO_MODEL)?;
+        let report = workbench.evaluate_run(run, &mut |d, t| {
+            events.send(Event::EvaluationProgress { done: d, total: t })
+        })?;
         let grid = image::open(run.join(evaluate::GRID_FILE))
             .context("reading the evaluation's comparison grid")?
             .to_rgb8();
@@ -560,6 +529,15 @@ impl Worker {
             grid: Picture::from(&grid),
         });
         Ok(())
+    }
+}
+
+/// Counts an export measurement's images as evaluation progress.
+struct ForwardImages<'a>(&'a EventSink);
+
+impl ExportProgress for ForwardImages<'_> {
+    fn images(&mut self, done: usize, total: usize) {
+        self.0.send(Event::EvaluationProgress { done, total });
     }
 }
 
@@ -601,6 +579,10 @@ impl RunObserver for Forward<'_> {
                 .send(Event::Error(format!("showing a preview: {e:#}"))),
         }
         self.adapter = Some((preview.adapter.detached(), preview.epoch));
+    }
+
+    fn notice(&mut self, message: &str) {
+        self.events.send(Event::Notice(message.to_string()));
     }
 }
 
