@@ -12,7 +12,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::adapter::{AdapterConfig, ErasureAdapter};
 use crate::demo_world::architecture;
-use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, Sampling, txt2img};
 use crate::engine::models::clip::text::{ClipTextConfig, ClipTextModel};
 use crate::engine::models::unet::config::UNetConfigFile;
 use crate::engine::models::unet::{UNet, UNetConfig};
@@ -165,16 +165,8 @@ pub fn run_case(name: &str, timing: Timing, device: &Device) -> anyhow::Result<B
         // What a studio user waits for: four demo images, 25 guided steps, decoded.
         "demo_txt2img_b4" => {
             let sd = demo_model(device)?;
-            let req = GenerateRequest {
-                prompts: vec!["a red striped star on a black background".into(); 4],
-                negative_prompt: String::new(),
-                seed: 0,
-                steps: 25,
-                guidance_scale: 5.0,
-                width: 64,
-                height: 64,
-                eta: 0.0,
-            };
+            let prompts = vec!["a red striped star on a black background".into(); 4];
+            let req = GenerateRequest::new(prompts, (64, 64), Sampling::DEMO);
             time(&mut || {
                 txt2img(&sd, &req, SampleHooks::default())?;
                 Ok(())

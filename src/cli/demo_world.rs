@@ -11,7 +11,9 @@ use erasure_studio::demo_world::quality::{self, QualitySettings};
 use erasure_studio::demo_world::recipe::{self, Recipe, format_accuracy};
 use erasure_studio::demo_world::{Caption, Scene};
 use erasure_studio::engine::StableDiffusion;
-use erasure_studio::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use erasure_studio::engine::diffusion::pipeline::{
+    GenerateRequest, SampleHooks, Sampling, txt2img,
+};
 use erasure_studio::{fs, images};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -115,16 +117,16 @@ pub fn run(command: DemoWorldCommand) -> anyhow::Result<()> {
             let per_prompt = per_prompt.max(1);
             let mut rows = Vec::new();
             for prompt in &prompts {
-                let req = GenerateRequest {
-                    prompts: vec![prompt.clone(); per_prompt],
-                    negative_prompt: String::new(),
-                    seed,
+                let sampling = Sampling {
                     steps,
                     guidance_scale: guidance,
-                    width,
-                    height,
-                    eta: 0.0,
                 };
+                let req = GenerateRequest::new(
+                    vec![prompt.clone(); per_prompt],
+                    (width, height),
+                    sampling,
+                )
+                .seed(seed);
                 rows.push(txt2img(&sd, &req, SampleHooks::default())?.1);
                 eprintln!("{prompt}");
             }

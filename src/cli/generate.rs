@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use anyhow::bail;
 use erasure_studio::adapter::stack::{AdapterSpec, AdapterStack};
-use erasure_studio::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
+use erasure_studio::engine::diffusion::pipeline::{
+    GenerateRequest, SampleHooks, Sampling, img2img, txt2img,
+};
 use erasure_studio::engine::{ModelSource, StableDiffusion};
 use erasure_studio::images;
 
@@ -77,12 +79,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } = args;
     let (dev, dtype) = precision.open()?;
     let started = Instant::now();
-    let demo = matches!(model.as_deref(), None | Some("demo"));
-    let source = resolve_model(model.as_deref())?;
+    let model = model.as_deref().unwrap_or("demo");
+    let source = ModelSource::named(model)?;
     let sd = StableDiffusion::load(&source, &dev, dtype)?;
-    // The demo model was measured at 25 steps and guidance 5; SD models at the usual 30 / 7.5.
-    let steps = steps.unwrap_or(if demo { 25 } else { 30 });
-    let guidance = guidance.unwrap_or(if demo { 5.0 } else { 7.5 });
+    let defaults = Sampling::defaults_for(model);
+    let sampling = Sampling {
+        steps: steps.unwrap_or(defaults.steps),
+        guidance_scale: guidance.unwrap_or(defaults.guidance_scale),
+    };
     eprintln!(
         "loaded {} in {:.1} s",
         source.root().display(),
@@ -93,16 +97,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("{}: {}", spec.path.display(), adapter.describe());
     }
     let (width, height) = image_size(&sd, width, height, init_image.as_deref())?;
-    let req = GenerateRequest {
-        prompts: vec![prompt; batch.max(1)],
-        negative_prompt: negative,
-        seed,
-        steps,
-        guidance_scale: guidance,
-        width,
-        height,
-        eta,
-    };
+    let req = GenerateRequest::new(vec![prompt; batch.max(1)], (width, height), sampling)
+        .negative(negative)
+        .seed(seed)
+        .eta(eta);
     let progress = |done: usize, total: usize| eprint!("\rstep {done}/{total}");
     let hooks = SampleHooks {
         adapter: stack.as_hook(),

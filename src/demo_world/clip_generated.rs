@@ -20,7 +20,7 @@ use super::clip_training::{ClipTraining, MAX_LOGIT_SCALE, attribute_text_feature
 use super::judge::Attributes;
 use super::scene::Scene;
 use crate::engine::StableDiffusion;
-use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, Sampling, txt2img};
 use crate::engine::models::clip::{ClipModel, unit_length};
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::train::run::{self, Progress, Run, Schedule, sorted_params, step_rng};
@@ -71,17 +71,15 @@ pub fn generate(
             &scenes[deterministic..]
         };
         for (i, chunk) in part.chunks(GENERATION_BATCH).enumerate() {
-            let request = GenerateRequest {
-                prompts: chunk.iter().map(|s| Caption::full(s).text).collect(),
-                negative_prompt: String::new(),
-                // Image k uses this + k: far from the seeds anything else draws with.
-                seed: seed.wrapping_mul(1 << 20) + (first + i * GENERATION_BATCH) as u64,
+            let prompts = chunk.iter().map(|s| Caption::full(s).text).collect();
+            let sampling = Sampling {
                 steps: SAMPLING_STEPS,
                 guidance_scale: 5.0,
-                width: 64,
-                height: 64,
-                eta,
             };
+            let request = GenerateRequest::new(prompts, (64, 64), sampling)
+                // Image k uses this + k: far from the seeds anything else draws with.
+                .seed(seed.wrapping_mul(1 << 20) + (first + i * GENERATION_BATCH) as u64)
+                .eta(eta);
             images.push(txt2img(sd, &request, SampleHooks::default())?.1);
         }
     }

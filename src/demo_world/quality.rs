@@ -7,7 +7,7 @@ use super::captions::Caption;
 use super::judge::{self, Attributes, Judge};
 use super::scene::{Background, Colour, Fill, Object, Scene};
 use crate::engine::StableDiffusion;
-use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, Sampling, txt2img};
 use crate::train::run::step_rng;
 
 /// How generations are made for the measurement.
@@ -95,16 +95,12 @@ pub fn measure(
     let mut hits = [0usize; 4];
     let mut all_correct = 0;
     for (b, chunk) in wanted.chunks(settings.batch.max(1)).enumerate() {
-        let req = GenerateRequest {
-            prompts: chunk.iter().map(prompt).collect(),
-            negative_prompt: String::new(),
-            seed: settings.seed + (b * settings.batch) as u64,
+        let sampling = Sampling {
             steps: settings.steps,
             guidance_scale: settings.guidance_scale,
-            width: size,
-            height: size,
-            eta: 0.0,
         };
+        let req = GenerateRequest::new(chunk.iter().map(prompt).collect(), (size, size), sampling)
+            .seed(settings.seed + (b * settings.batch) as u64);
         let (_, images) = txt2img(sd, &req, SampleHooks::default())?;
         for (got, want) in judge.predict(&images)?.iter().zip(chunk) {
             let right = [

@@ -4,6 +4,8 @@
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::diffusion::pipeline::{GenerateRequest, Sampling};
+
 /// DDPO's hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -209,6 +211,18 @@ impl Default for SamplingSpec {
             negative_prompt: String::new(),
             size: None,
         }
+    }
+}
+
+impl SamplingSpec {
+    /// A deterministic request for `prompts` at `size`×`size` pixels in `steps` steps, with
+    /// this guidance and negative prompt.
+    pub fn request(&self, prompts: Vec<String>, size: usize, steps: usize) -> GenerateRequest {
+        let sampling = Sampling {
+            steps,
+            guidance_scale: self.guidance_scale,
+        };
+        GenerateRequest::new(prompts, (size, size), sampling).negative(&self.negative_prompt)
     }
 }
 

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use super::preset::Preset;
 use crate::engine::StableDiffusion;
-use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, txt2img};
+use crate::engine::diffusion::pipeline::{SampleHooks, txt2img};
 use crate::engine::models::unet::UNetHook;
 
 /// The image side a preset samples at on `sd`.
@@ -28,16 +28,10 @@ pub fn render(
     hook: Option<&dyn UNetHook>,
 ) -> anyhow::Result<Tensor> {
     let size = image_size(preset, sd)?;
-    let request = GenerateRequest {
-        prompts: prompts.to_vec(),
-        negative_prompt: preset.sampling.negative_prompt.clone(),
-        seed,
-        steps: preset.evaluation.steps,
-        guidance_scale: preset.sampling.guidance_scale,
-        width: size,
-        height: size,
-        eta: 0.0,
-    };
+    let request = preset
+        .sampling
+        .request(prompts.to_vec(), size, preset.evaluation.steps)
+        .seed(seed);
     let hooks = SampleHooks {
         adapter: hook,
         on_step: None,

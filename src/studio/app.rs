@@ -10,7 +10,7 @@ use super::forms::{RunForm, SampleForm, Settings, Tab};
 use super::state::StudioState;
 use super::textures::Textures;
 use super::views;
-use super::worker::{Command, Interrupt, WorkerHandle};
+use super::worker::{Command, Event, Interrupt, WorkerHandle};
 use crate::engine::io::hf_cache::{hf_cache_roots, hf_cached_pipelines};
 
 /// The studio's whole state: what the worker reported, what the user typed, and the textures.
@@ -78,6 +78,11 @@ impl StudioApp {
     /// Folds the worker's events into the state.
     pub fn pump_events(&mut self) {
         for event in self.worker.drain() {
+            // A new model starts the prompt box at its own steps and guidance, as `generate` does.
+            if let Event::ModelLoaded { sampling, .. } = &event {
+                self.samples.sample.steps = sampling.steps;
+                self.samples.sample.guidance_scale = sampling.guidance_scale;
+            }
             self.state.apply(event);
         }
     }

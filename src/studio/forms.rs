@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::worker::SampleSettings;
+use crate::engine::diffusion::pipeline::Sampling;
 use crate::erasure::export::ExportFormat;
 use crate::erasure::preset::{self, ConceptKind, Preset};
 
@@ -225,8 +226,8 @@ impl Default for SampleForm {
             sample: SampleSettings {
                 prompt: "a red solid star on a white background".into(),
                 seed: 0,
-                steps: 25,
-                guidance_scale: 5.0,
+                steps: Sampling::DEMO.steps,
+                guidance_scale: Sampling::DEMO.guidance_scale,
             },
             init_image: String::new(),
             strength: 0.6,

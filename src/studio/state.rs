@@ -95,7 +95,9 @@ impl StudioState {
         self.generation += 1;
         match event {
             Event::Busy(job) => self.busy = job,
-            Event::ModelLoaded { spec, description } => {
+            Event::ModelLoaded {
+                spec, description, ..
+            } => {
                 self.info(format!("loaded {description}"));
                 self.model = Some(LoadedModel { spec, description });
                 self.rendered = None;

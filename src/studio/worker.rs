@@ -17,7 +17,9 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
-use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, img2img, txt2img};
+use crate::engine::diffusion::pipeline::{
+    GenerateRequest, SampleHooks, Sampling, img2img, txt2img,
+};
 use crate::engine::models::unet::UNetHook;
 use crate::erasure::evaluate::{self, Report};
 use crate::erasure::export::{ExportComparison, ExportFormat};
@@ -128,6 +130,8 @@ pub enum Event {
     ModelLoaded {
         spec: String,
         description: String,
+        /// The steps and guidance the model is drawn with unless the user says otherwise.
+        sampling: Sampling,
     },
     /// A run began (or resumed with `history` already done).
     RunStarted {
@@ -369,6 +373,7 @@ impl Worker {
         self.events.send(Event::ModelLoaded {
             spec: spec.to_string(),
             description,
+            sampling: Sampling::defaults_for(spec),
         });
         self.events.send(Event::AdapterChanged(None));
         Ok(())
@@ -481,16 +486,12 @@ impl Worker {
     ) -> anyhow::Result<Comparison> {
         let sd = self.model()?.sd();
         let size = sd.native_size().map_or(512, |(h, _)| h);
-        let request = GenerateRequest {
-            prompts: vec![settings.prompt.clone()],
-            negative_prompt: String::new(),
-            seed: settings.seed,
+        let sampling = Sampling {
             steps: settings.steps,
             guidance_scale: settings.guidance_scale,
-            width: size,
-            height: size,
-            eta: 0.0,
         };
+        let request = GenerateRequest::new(vec![settings.prompt.clone()], (size, size), sampling)
+            .seed(settings.seed);
         let init = init
             .map(|(path, strength)| {
                 anyhow::Ok((images::load_image(path, size, size, &sd.device)?, strength))

@@ -24,6 +24,69 @@ pub struct GenerateRequest {
     pub eta: f64,
 }
 
+impl GenerateRequest {
+    /// `prompts` at `width`×`height` pixels, denoised as `sampling` says; seed 0, no negative
+    /// prompt and deterministic (η = 0) until set otherwise.
+    pub fn new(prompts: Vec<String>, (width, height): (usize, usize), sampling: Sampling) -> Self {
+        Self {
+            prompts,
+            negative_prompt: String::new(),
+            seed: 0,
+            steps: sampling.steps,
+            guidance_scale: sampling.guidance_scale,
+            width,
+            height,
+            eta: 0.0,
+        }
+    }
+
+    /// Image `i` uses `seed + i`.
+    pub fn seed(self, seed: u64) -> Self {
+        Self { seed, ..self }
+    }
+
+    pub fn negative(self, negative_prompt: impl Into<String>) -> Self {
+        Self {
+            negative_prompt: negative_prompt.into(),
+            ..self
+        }
+    }
+
+    pub fn eta(self, eta: f64) -> Self {
+        Self { eta, ..self }
+    }
+}
+
+/// How many DDIM steps an image takes and how strongly it is guided towards its prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub steps: usize,
+    pub guidance_scale: f64,
+}
+
+impl Sampling {
+    /// What the built-in demo model was measured at.
+    pub const DEMO: Self = Self {
+        steps: 25,
+        guidance_scale: 5.0,
+    };
+    /// The usual settings for Stable Diffusion models.
+    pub const STABLE_DIFFUSION: Self = Self {
+        steps: 30,
+        guidance_scale: 7.5,
+    };
+
+    /// The defaults for the model named `spec` (as `--model` and presets name models), when
+    /// the user gives none.
+    pub fn defaults_for(spec: &str) -> Self {
+        if spec == "demo" {
+            Self::DEMO
+        } else {
+            Self::STABLE_DIFFUSION
+        }
+    }
+}
+
 /// Text conditioning for a batch: `cond` [B, L, D] and, with guidance, `uncond` [B, L, D].
 pub struct Conditioning {
     pub cond: Tensor,

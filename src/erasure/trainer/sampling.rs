@@ -14,16 +14,10 @@ use crate::erasure::seeds;
 impl ErasureTrainer<'_> {
     /// A sampling request for `prompts` with the run's settings and a seed from `rng`.
     pub(super) fn request(&self, prompts: Vec<String>, rng: &mut impl Rng) -> GenerateRequest {
-        GenerateRequest {
-            prompts,
-            negative_prompt: self.sampling.negative_prompt.clone(),
-            seed: seeds::training(rng),
-            steps: self.sampling.steps,
-            guidance_scale: self.sampling.guidance_scale,
-            width: self.size,
-            height: self.size,
-            eta: self.sampling.eta,
-        }
+        self.sampling
+            .request(prompts, self.size, self.sampling.steps)
+            .seed(seeds::training(rng))
+            .eta(self.sampling.eta)
     }
 
     /// The epoch's prompts, each repeated `samples_per_prompt` times, adjacent: distinct
