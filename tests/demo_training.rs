@@ -128,7 +128,7 @@ fn unet_training_lowers_the_diffusion_loss() {
 #[test]
 fn micro_recipe_writes_a_loadable_model_and_resumes() {
     let out = common::temp_dir("micro-recipe");
-    let log = recipe::build(&Recipe::micro(0), &out, &Device::Cpu).unwrap();
+    let log = recipe::build(&Recipe::micro(0), &out, &Device::Cpu, &|_| {}).unwrap();
     assert_eq!(
         log.stages.keys().collect::<Vec<_>>(),
         [
@@ -175,14 +175,14 @@ fn micro_recipe_writes_a_loadable_model_and_resumes() {
     // A rerun finds every stage done and trains nothing.
     let unet_file = out.join("unet/diffusion_pytorch_model.safetensors");
     let written = std::fs::metadata(&unet_file).unwrap().modified().unwrap();
-    let again = recipe::build(&Recipe::micro(0), &out, &Device::Cpu).unwrap();
+    let again = recipe::build(&Recipe::micro(0), &out, &Device::Cpu, &|_| {}).unwrap();
     assert_eq!(
         std::fs::metadata(&unet_file).unwrap().modified().unwrap(),
         written
     );
     assert_eq!(again.stages["unet"].seconds, log.stages["unet"].seconds);
     // Resuming with another recipe is refused rather than mixing two models.
-    let err = recipe::build(&Recipe::micro(1), &out, &Device::Cpu).unwrap_err();
+    let err = recipe::build(&Recipe::micro(1), &out, &Device::Cpu, &|_| {}).unwrap_err();
     assert!(format!("{err:#}").contains("another recipe"), "{err:#}");
     std::fs::remove_dir_all(&out).unwrap();
 }

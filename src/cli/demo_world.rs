@@ -174,7 +174,7 @@ pub fn run(command: DemoWorldCommand) -> anyhow::Result<()> {
             } else {
                 Recipe::standard(seed)
             };
-            let log = recipe::build(&recipe, &out, &Device::Cpu)?;
+            let log = recipe::build(&recipe, &out, &Device::Cpu, &|line| eprintln!("{line}"))?;
             for (name, stage) in &log.stages {
                 eprintln!(
                     "{name}: {:.0} s, final loss {:?}, {:?}",
@@ -195,15 +195,24 @@ pub fn run(command: DemoWorldCommand) -> anyhow::Result<()> {
         } => {
             let started = Instant::now();
             let config = JudgeConfig::default();
-            let (judge, vars) =
-                judge::train(&config, steps, batch, seed, &Device::Cpu, |step, loss| {
+            let (judge, vars) = judge::train(
+                &config,
+                steps,
+                batch,
+                seed,
+                &Device::Cpu,
+                |step, loss, skipped| {
+                    if skipped {
+                        eprintln!("judge step {step}: non-finite gradient, update skipped");
+                    }
                     if step % 50 == 0 || step + 1 == steps {
                         eprintln!(
                             "step {step:>5}/{steps}  loss {loss:.4}  {:.0} s",
                             started.elapsed().as_secs_f64()
                         );
                     }
-                })?;
+                },
+            )?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             fs::write_atomic(
                 &out.join("config.json"),

@@ -220,14 +220,15 @@ pub fn accuracy(judge: &Judge, count: usize, seed: u64, device: &Device) -> Resu
     Ok(correct.map(|c| c as f64 / count as f64))
 }
 
-/// Trains a judge from scratch on freshly drawn scenes; `on_step(step, loss)` reports progress.
+/// Trains a judge from scratch on freshly drawn scenes; `on_step(step, loss, update_skipped)`
+/// reports progress (`update_skipped`: the step's gradient was not finite).
 pub fn train(
     config: &JudgeConfig,
     steps: usize,
     batch: usize,
     seed: u64,
     device: &Device,
-    mut on_step: impl FnMut(usize, f64),
+    mut on_step: impl FnMut(usize, f64, bool),
 ) -> anyhow::Result<(Judge, VarMap)> {
     let vars = VarMap::new();
     let judge = Judge::new(seeded_var_builder(&vars, seed, DType::F32, device), config)?;
@@ -249,10 +250,8 @@ pub fn train(
             loss = (loss + candle_nn::loss::cross_entropy(l, t)?)?;
         }
         let value = loss.to_scalar::<f32>()? as f64;
-        if opt.step(&loss.backward()?)? == StepOutcome::SkippedNonFinite {
-            eprintln!("judge step {step}: non-finite gradient, update skipped");
-        }
-        on_step(step, value);
+        let skipped = opt.step(&loss.backward()?)? == StepOutcome::SkippedNonFinite;
+        on_step(step, value, skipped);
     }
     Ok((judge, vars))
 }
@@ -268,10 +267,10 @@ mod tests {
             groups: 4,
         };
         let mut losses = Vec::new();
-        train(&config, 30, 16, 0, &Device::Cpu, |_, l| losses.push(l)).unwrap();
+        train(&config, 30, 16, 0, &Device::Cpu, |_, l, _| losses.push(l)).unwrap();
         // Same seed, same run.
         let mut again = Vec::new();
-        train(&config, 30, 16, 0, &Device::Cpu, |_, l| again.push(l)).unwrap();
+        train(&config, 30, 16, 0, &Device::Cpu, |_, l, _| again.push(l)).unwrap();
         assert_eq!(losses, again);
         let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
         let last: f64 = losses[25..].iter().sum::<f64>() / 5.0;

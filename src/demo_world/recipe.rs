@@ -25,7 +25,7 @@ use crate::engine::diffusion::ddim::SchedulerConfig;
 use crate::engine::models::clip::ClipModel;
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::train::init::seeded_var_builder;
-use crate::train::run::{print_every, seconds_recorded};
+use crate::train::run::{report_every, seconds_recorded};
 
 /// Everything that decides the trained model.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -188,8 +188,14 @@ impl TrainingLog {
     }
 }
 
-/// Runs every stage of `recipe` that the log in `out` does not record as done.
-pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<TrainingLog> {
+/// Runs every stage of `recipe` that the log in `out` does not record as done, telling `say`
+/// how each goes.
+pub fn build(
+    recipe: &Recipe,
+    out: &Path,
+    device: &Device,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<TrainingLog> {
     let work = out.join("checkpoints");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let log_path = out.join(LOG_FILE);
@@ -219,10 +225,10 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
 
     let tokenizer_dir = out.join("tokenizer");
     log.run_stage(&log_path, "tokenizer", None, || {
-        eprintln!(
+        say(&format!(
             "tokenizer: learning merges from {} captions",
             recipe.vocab_captions
-        );
+        ));
         vocab::write_tokenizer(
             &tokenizer_dir,
             recipe.vocab_captions,
@@ -243,10 +249,13 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             &recipe.clip,
             Some(&checkpoint),
             device,
-            print_every(recipe.report_every),
+            report_every(recipe.report_every, say),
         )?;
         let accuracy = zero_shot_on_renders(&model, &tokenizer, recipe, device)?;
-        eprintln!("clip: zero-shot accuracy {}", format_accuracy(&accuracy));
+        say(&format!(
+            "clip: zero-shot accuracy {}",
+            format_accuracy(&accuracy)
+        ));
         write_json(
             &out.join("text_encoder/config.json"),
             &architecture::text_config(vocab_size),
@@ -287,7 +296,7 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             &recipe.vae,
             Some(&checkpoint),
             device,
-            print_every(recipe.report_every),
+            report_every(recipe.report_every, say),
         )?;
         // Stable Diffusion's convention: latents × scaling_factor have unit variance.
         let sample = LatentDataset::encode(
@@ -304,7 +313,9 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
                 .sqrt()?
                 .to_scalar::<f32>()? as f64;
         let psnr = vae_training::reconstruction_psnr(&vae, recipe.evaluation_images, 98, device)?;
-        eprintln!("vae: reconstruction PSNR {psnr:.1} dB, scaling factor {scaling_factor:.4}");
+        say(&format!(
+            "vae: reconstruction PSNR {psnr:.1} dB, scaling factor {scaling_factor:.4}"
+        ));
         write_json(
             &out.join("vae/config.json"),
             &architecture::vae_config(scaling_factor),
@@ -321,7 +332,7 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
 
     let latents_path = work.join("latents.safetensors");
     log.run_stage(&log_path, "latents", None, || {
-        eprintln!("latents: encoding {} scenes", recipe.dataset);
+        say(&format!("latents: encoding {} scenes", recipe.dataset));
         let vae = ModelSource::folder(out)?.vae(device, DType::F32)?;
         LatentDataset::encode(&vae, recipe.dataset, recipe.dataset_seed, device)?
             .save(&latents_path, recipe.dataset_seed)?;
@@ -343,7 +354,7 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             &recipe.unet,
             Some(&checkpoint),
             device,
-            print_every(recipe.report_every),
+            report_every(recipe.report_every, say),
         )?;
         write_json(&out.join("unet/config.json"), &architecture::unet_config())?;
         save_vars(
@@ -369,10 +380,10 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
             &recipe.vae_decoder,
             Some(&checkpoint),
             device,
-            print_every(recipe.report_every),
+            report_every(recipe.report_every, say),
         )?;
         let psnr = vae_training::reconstruction_psnr(&vae, recipe.evaluation_images, 98, device)?;
-        eprintln!("vae decoder: reconstruction PSNR {psnr:.1} dB");
+        say(&format!("vae decoder: reconstruction PSNR {psnr:.1} dB"));
         save_vars(&vars, "", &vae_weights)?;
         Ok(StageResult {
             final_loss: tail_mean(&losses),
@@ -386,29 +397,49 @@ pub fn build(recipe: &Recipe, out: &Path, device: &Device) -> anyhow::Result<Tra
     ] {
         let checkpoint = work.join(format!("{name}.safetensors"));
         log.run_stage(&log_path, name, Some(&checkpoint), || {
-            clip_generated_stage(recipe, name, stage, out, &tokenizer, &checkpoint, device)
+            let build = Build {
+                recipe,
+                out,
+                device,
+                say,
+            };
+            clip_generated_stage(build, name, stage, &tokenizer, &checkpoint)
         })?;
     }
 
     Ok(log)
 }
 
+/// What a stage of a build works with.
+#[derive(Clone, Copy)]
+struct Build<'a> {
+    recipe: &'a Recipe,
+    /// The model folder being built.
+    out: &'a Path,
+    device: &'a Device,
+    say: &'a dyn Fn(&str),
+}
+
 /// Trains the CLIP's image tower in `out` on images the model in `out` draws.
 fn clip_generated_stage(
-    recipe: &Recipe,
+    build: Build,
     name: &'static str,
     stage: &GeneratedTraining,
-    out: &Path,
     tokenizer: &ClipTokenizer,
     checkpoint: &Path,
-    device: &Device,
 ) -> anyhow::Result<StageResult> {
+    let Build {
+        recipe,
+        out,
+        device,
+        say,
+    } = build;
     let seed = stage.training.seed;
     let sd = StableDiffusion::load(&ModelSource::folder(out)?, device, DType::F32)?;
-    eprintln!(
+    say(&format!(
         "{name}: drawing {} training and {} held-out images",
         stage.images, recipe.evaluation_images
-    );
+    ));
     let set = clip_generated::generate(&sd, stage.images, stage.stochastic_share, seed)?;
     let held_out = clip_generated::generate(
         &sd,
@@ -442,14 +473,14 @@ fn clip_generated_stage(
         stage,
         name,
         Some(checkpoint),
-        print_every(recipe.report_every),
+        report_every(recipe.report_every, say),
     )?;
     let after = on_held_out(&model)?;
-    eprintln!(
+    say(&format!(
         "{name}: zero-shot accuracy on held-out generated images {} → {}",
         format_accuracy(&before),
         format_accuracy(&after)
-    );
+    ));
     let renders = zero_shot_on_renders(&model, tokenizer, recipe, device)?;
     save_vars(&vars, "", &weights)?;
     let mut figures = accuracy_figures("generated_before", &before);

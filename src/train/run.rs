@@ -61,6 +61,8 @@ pub struct Progress<'a> {
     pub lr: f64,
     /// Seconds per step so far in this process.
     pub seconds_per_step: f64,
+    /// The step's gradient was not finite, so its update was skipped.
+    pub update_skipped: bool,
 }
 
 impl Progress<'_> {
@@ -137,12 +139,7 @@ pub fn train(
         opt.set_lr(lr);
         let loss = loss_at(step)?;
         let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        if opt.step(&loss.backward()?)? == StepOutcome::SkippedNonFinite {
-            eprintln!(
-                "{} step {step}: non-finite gradient, update skipped",
-                run.name
-            );
-        }
+        let update_skipped = opt.step(&loss.backward()?)? == StepOutcome::SkippedNonFinite;
         losses.push(value);
         let done = step + 1;
         if let Some(path) = run.checkpoint
@@ -159,19 +156,27 @@ pub fn train(
             loss: value,
             lr,
             seconds_per_step: started.elapsed().as_secs_f64() / (done - first) as f64,
+            update_skipped,
         });
     }
     Ok(losses)
 }
 
-/// A progress reporter that prints a line every `every` steps, with the loss averaged over them.
-pub fn print_every(every: usize) -> impl FnMut(&Progress) {
+/// A progress reporter that tells `say` a line every `every` steps, with the loss averaged over
+/// them, and every skipped update.
+pub fn report_every(every: usize, say: &dyn Fn(&str)) -> impl FnMut(&Progress) + '_ {
     let mut window = Vec::new();
     move |p: &Progress| {
+        if p.update_skipped {
+            say(&format!(
+                "{} step {}: non-finite gradient, update skipped",
+                p.name, p.step
+            ));
+        }
         window.push(p.loss);
         if window.len() >= every || p.step + 1 == p.steps {
             let mean = window.iter().sum::<f64>() / window.len() as f64;
-            eprintln!("{}", p.line(mean));
+            say(&p.line(mean));
             window.clear();
         }
     }
