@@ -37,22 +37,6 @@ pub fn grid(images: &Tensor, columns: usize) -> anyhow::Result<RgbImage> {
     Ok(out)
 }
 
-/// Scenes of the demo world rendered side by side, row-major.
-pub fn scene_grid(scenes: &[crate::demo_world::Scene], columns: usize) -> RgbImage {
-    let side = crate::demo_world::scene::IMAGE_SIZE;
-    let cols = columns.clamp(1, scenes.len().max(1));
-    let rows = scenes.len().div_ceil(cols);
-    let mut out = RgbImage::new(cols as u32 * side, rows as u32 * side);
-    for (i, scene) in scenes.iter().enumerate() {
-        let (x, y) = (
-            (i % cols) as i64 * side as i64,
-            (i / cols) as i64 * side as i64,
-        );
-        image::imageops::overlay(&mut out, &scene.render(), x, y);
-    }
-    out
-}
-
 /// Writes a PNG atomically (see `fs::atomically`).
 pub fn save_png(img: &RgbImage, path: &Path) -> anyhow::Result<()> {
     crate::fs::atomically(path, |tmp| {

@@ -3,7 +3,7 @@
 //! much as the world's own images do.
 
 use candle_core::{DType, Device, Tensor};
-use erasure_studio::demo_world::judge::{Attributes, Judge};
+use erasure_studio::demo_world::judge::{Attributes, JudgeNet};
 use erasure_studio::demo_world::quality::prompt;
 use erasure_studio::demo_world::scene::{Scene, render_batch};
 use erasure_studio::demo_world::{Background, Colour, Fill, Object};
@@ -47,7 +47,7 @@ fn demo_model_draws_what_it_is_told() {
     let dev = Device::Cpu;
     let dir = demo_model_dir().unwrap();
     let sd = StableDiffusion::load(&ModelSource::folder(&dir).unwrap(), &dev, DType::F32).unwrap();
-    let judge = Judge::load(&dir.join("judge"), &dev).unwrap();
+    let judge = JudgeNet::load(&dir.join("judge"), &dev).unwrap();
     let wanted = [
         (Object::Star, Colour::Red, Fill::Striped, Background::Black),
         (Object::Circle, Colour::Blue, Fill::Solid, Background::White),

@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use erasure_studio::adapter::ErasureAdapter;
 use erasure_studio::adapter::info::AdapterInfo;
 use erasure_studio::adapter::lora::{LoraAdapter, LoraFormat};
-use erasure_studio::demo_world::judge::Judge as JudgeNet;
+use erasure_studio::demo_world::judge::{DemoJudge, JudgeNet};
 use erasure_studio::engine::StableDiffusion;
 use erasure_studio::engine::diffusion::pipeline::{Conditioning, GenerateRequest};
 use erasure_studio::erasure::config::{Baseline, DdpoConfig};
@@ -29,7 +29,7 @@ use erasure_studio::erasure::trainer::{ErasureTrainer, TrainingPrompts, anchor_p
 use erasure_studio::erasure::workbench::Workbench;
 use erasure_studio::reward::cer::{CerWeights, ErasureReward};
 use erasure_studio::reward::clip::ClipScorer;
-use erasure_studio::reward::judge::{DemoJudge, Judge};
+use erasure_studio::reward::judge::Judge;
 
 /// The demo-star preset cut down to seconds: 3 denoising steps (2 trained), 2 × 2 samples per
 /// epoch.

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, load, rel_l2, temp_dir, tiny_sd1};
-use erasure_studio::adapter::export::{LoraExport, LoraLayout};
-use erasure_studio::adapter::lora::{LoraAdapter, LoraFormat};
+use erasure_studio::adapter::lora::{LoraAdapter, LoraExport, LoraFormat};
 use erasure_studio::adapter::stack::{AdapterSpec, AdapterStack};
 use erasure_studio::adapter::{AdapterConfig, ErasureAdapter, SafeDelta};
 use erasure_studio::engine::ModelSource;
@@ -60,12 +59,12 @@ fn kv_updates(sd: &StableDiffusion, hook: &dyn UNetHook, context: &Tensor) -> Ve
 fn export(
     sd: &StableDiffusion,
     adapter: &ErasureAdapter,
-    layout: LoraLayout,
+    format: LoraFormat,
     fold: Option<usize>,
     path: &Path,
 ) {
     let export = LoraExport {
-        layout,
+        format,
         fold_rank: fold,
         title: "test".into(),
     };
@@ -82,12 +81,9 @@ fn lora_exports_reload_to_the_adapters_lora_branch() {
     let dir = temp_dir("lora-export");
     let tail = config.tail_tokens;
     let len = context.dim(1).unwrap();
-    for (layout, format) in [
-        (LoraLayout::Kohya, LoraFormat::Kohya),
-        (LoraLayout::Peft, LoraFormat::Peft),
-    ] {
+    for format in [LoraFormat::Kohya, LoraFormat::Peft] {
         let path = dir.join(format!("{format:?}.safetensors"));
-        export(&sd, &adapter, layout, None, &path);
+        export(&sd, &adapter, format, None, &path);
         let lora = LoraAdapter::load(&path, &sd.unet, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(lora.format(), format);
         assert_eq!(lora.layer_count(), 2 * native.len());
@@ -123,10 +119,10 @@ fn a_folded_export_carries_the_safe_adapter_onto_the_tail_tokens() {
         let adapter = random_adapter(&sd, config, 2);
         let native = kv_updates(&sd, &adapter.detached(), &context);
         let path = dir.join("folded.safetensors");
-        export(&sd, &adapter, LoraLayout::Kohya, Some(fold), &path);
+        export(&sd, &adapter, LoraFormat::Kohya, Some(fold), &path);
         let folded = LoraAdapter::load(&path, &sd.unet, DType::F32, &Device::Cpu).unwrap();
         let unfolded_path = dir.join("unfolded.safetensors");
-        export(&sd, &adapter, LoraLayout::Kohya, None, &unfolded_path);
+        export(&sd, &adapter, LoraFormat::Kohya, None, &unfolded_path);
         let unfolded =
             LoraAdapter::load(&unfolded_path, &sd.unet, DType::F32, &Device::Cpu).unwrap();
         let with_fold = kv_updates(&sd, &folded, &context);
@@ -221,7 +217,7 @@ fn imported_loras_stack_with_a_strength_each_and_refuse_other_models() {
     let adapter = random_adapter(&sd, AdapterConfig::default(), 3);
     let dir = temp_dir("lora-stack");
     let path = dir.join("kohya.safetensors");
-    export(&sd, &adapter, LoraLayout::Kohya, None, &path);
+    export(&sd, &adapter, LoraFormat::Kohya, None, &path);
     let context = context(&sd);
     let spec = |s: &str| s.parse::<AdapterSpec>().unwrap();
     let path_str = path.display().to_string();
@@ -276,7 +272,7 @@ fn export_fixture() -> PathBuf {
 fn export_the_fixture_adapter(path: &Path) {
     let sd = tiny_sd1();
     let adapter = random_adapter(&sd, AdapterConfig::default(), 4);
-    export(&sd, &adapter, LoraLayout::Kohya, None, path);
+    export(&sd, &adapter, LoraFormat::Kohya, None, path);
 }
 
 #[test]

@@ -9,6 +9,7 @@ use candle_core::Device;
 use eframe::egui;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
+use erasure_studio::adapter::lora::LoraFormat;
 use erasure_studio::erasure::export::ExportFormat;
 use erasure_studio::erasure::session::RunDir;
 use erasure_studio::studio::app::StudioApp;
@@ -408,7 +409,7 @@ fn a_finished_run_is_evaluated_in_the_studio() {
     show_tab(&mut h, Tab::Adapters);
     let exported = runs.join("kohya.safetensors");
     h.state_mut().samples.export_path = exported.display().to_string();
-    h.state_mut().samples.export_format = ExportFormat::Kohya;
+    h.state_mut().samples.export_format = ExportFormat::Lora(LoraFormat::Kohya);
     h.step();
     h.get_by_label_contains("cannot hold the Safe Adapter");
     click(&mut h, "Export");

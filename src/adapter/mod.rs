@@ -9,7 +9,6 @@
 //! for training, the engine takes its differentiable attention kernels instead of the fused ones,
 //! which round differently: outputs then agree to about 1e-6.)
 
-pub mod export;
 mod file;
 pub mod info;
 mod io;

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use erasure_studio::demo_world::judge::{self, JudgeConfig};
 use erasure_studio::demo_world::quality::{self, QualitySettings};
 use erasure_studio::demo_world::recipe::{self, Recipe, format_accuracy};
-use erasure_studio::demo_world::{Caption, Scene};
+use erasure_studio::demo_world::{Caption, Scene, scene};
 use erasure_studio::engine::StableDiffusion;
 use erasure_studio::engine::diffusion::pipeline::{
     GenerateRequest, SampleHooks, Sampling, txt2img,
@@ -99,7 +99,7 @@ pub fn run(command: DemoWorldCommand) -> anyhow::Result<()> {
                 println!("{i:>3}: {}", Caption::sample(scene, &mut rng).text);
             }
             let cols = (scenes.len() as f64).sqrt().ceil() as usize;
-            images::save_png(&images::scene_grid(&scenes, cols), &out)?;
+            images::save_png(&scene::grid(&scenes, cols), &out)?;
             println!("wrote {}", out.display());
         }
         DemoWorldCommand::Sample {
@@ -142,7 +142,7 @@ pub fn run(command: DemoWorldCommand) -> anyhow::Result<()> {
             let source = resolve_model(model.as_deref())?;
             let sd = StableDiffusion::load(&source, &Device::Cpu, DType::F32)?;
             let judge_dir = judge.unwrap_or_else(|| source.root().join("judge"));
-            let judge = judge::Judge::load(&judge_dir, &Device::Cpu)?;
+            let judge = judge::JudgeNet::load(&judge_dir, &Device::Cpu)?;
             let settings = QualitySettings {
                 per_combination,
                 ..Default::default()

@@ -13,9 +13,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::Caption;
 use super::scene::{Background, Colour, Fill, Object, Scene, render_batch};
 use crate::engine::nn::conv::Conv2d;
 use crate::engine::nn::{GroupNorm, conv2d, group_norm, linear};
+use crate::reward::cer::ConceptDetector;
+use crate::reward::judge::{Judge, Reading};
 use crate::train::init::seeded_var_builder;
 use crate::train::run::sorted_params;
 use crate::train::{AdamW, AdamWConfig, StepOutcome};
@@ -64,7 +67,7 @@ struct Stage {
     norm2: GroupNorm,
 }
 
-pub struct Judge {
+pub struct JudgeNet {
     stem: Conv2d,
     stages: Vec<Stage>,
     heads: [Linear; 4],
@@ -110,7 +113,7 @@ pub fn attribute_value(attribute: &str, value: &str) -> anyhow::Result<(usize, u
         .with_context(|| format!("the demo world has no {attribute} `{value}`"))
 }
 
-impl Judge {
+impl JudgeNet {
     pub fn new(vb: VarBuilder, config: &JudgeConfig) -> Result<Self> {
         let c0 = config.channels[0];
         let mut stages = Vec::new();
@@ -198,7 +201,7 @@ fn labels(scenes: &[Scene], device: &Device) -> Result<[Tensor; 4]> {
 
 /// Per-head accuracy of `judge` on `count` scenes drawn from `seed`: [object, colour, fill,
 /// background].
-pub fn accuracy(judge: &Judge, count: usize, seed: u64, device: &Device) -> Result<[f64; 4]> {
+pub fn accuracy(judge: &JudgeNet, count: usize, seed: u64, device: &Device) -> Result<[f64; 4]> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut correct = [0usize; 4];
     for start in (0..count).step_by(64) {
@@ -229,9 +232,9 @@ pub fn train(
     seed: u64,
     device: &Device,
     mut on_step: impl FnMut(usize, f64, bool),
-) -> anyhow::Result<(Judge, VarMap)> {
+) -> anyhow::Result<(JudgeNet, VarMap)> {
     let vars = VarMap::new();
-    let judge = Judge::new(seeded_var_builder(&vars, seed, DType::F32, device), config)?;
+    let judge = JudgeNet::new(seeded_var_builder(&vars, seed, DType::F32, device), config)?;
     let mut opt = AdamW::new(
         sorted_params(&vars),
         AdamWConfig {
@@ -254,6 +257,80 @@ pub fn train(
         on_step(step, value, skipped);
     }
     Ok((judge, vars))
+}
+
+/// The demo judge network: reads object, colour, fill and background; the concept is one
+/// attribute taking one value.
+pub struct DemoJudge {
+    net: JudgeNet,
+    head: usize,
+    class: usize,
+    value: String,
+}
+
+impl DemoJudge {
+    pub fn new(net: JudgeNet, attribute: &str, value: &str) -> anyhow::Result<Self> {
+        let (head, class) = attribute_value(attribute, value)?;
+        Ok(Self {
+            net,
+            head,
+            class,
+            value: value.to_string(),
+        })
+    }
+}
+
+impl Judge for DemoJudge {
+    fn describe(&self) -> String {
+        format!(
+            "demo judge network: concept present when its {} head's most likely class is `{}`",
+            ATTRIBUTE_NAMES[self.head], self.value
+        )
+    }
+
+    fn attribute_names(&self) -> Vec<String> {
+        ATTRIBUTE_NAMES.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn read(&self, images: &Tensor) -> anyhow::Result<Vec<Reading>> {
+        Ok(self
+            .net
+            .predict(images)?
+            .into_iter()
+            .map(|a| Reading {
+                concept: a.indices()[self.head] == self.class,
+                attributes: vec![
+                    a.object.word().into(),
+                    a.colour.word().into(),
+                    a.fill.word().into(),
+                    a.background.word().into(),
+                ],
+            })
+            .collect())
+    }
+
+    fn requested(&self, prompt: &str) -> Vec<Option<String>> {
+        let c = Caption::parse(prompt);
+        vec![
+            c.object.map(|v| Object::word(v).into()),
+            c.colour.map(|v| Colour::word(v).into()),
+            c.fill.map(|v| Fill::word(v).into()),
+            c.background.map(|v| Background::word(v).into()),
+        ]
+    }
+}
+
+impl ConceptDetector for DemoJudge {
+    /// The softmax probability of the concept's class on its head.
+    fn concept_probability(&self, images: &Tensor) -> anyhow::Result<Vec<f64>> {
+        let logits = &self.net.logits(images)?[self.head];
+        let probs = candle_nn::ops::softmax(logits, D::Minus1)?;
+        Ok(probs
+            .narrow(1, self.class, 1)?
+            .squeeze(1)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1()?)
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::captions::Caption;
-use super::judge::{self, Attributes, Judge};
+use super::judge::{self, Attributes, JudgeNet};
 use super::scene::{Background, Colour, Fill, Object, Scene};
 use crate::engine::StableDiffusion;
 use crate::engine::diffusion::pipeline::{GenerateRequest, SampleHooks, Sampling, txt2img};
@@ -82,7 +82,7 @@ pub fn prompt(a: &Attributes) -> String {
 /// total)` is called after each batch.
 pub fn measure(
     sd: &StableDiffusion,
-    judge: &Judge,
+    judge: &JudgeNet,
     settings: &QualitySettings,
     mut progress: impl FnMut(usize, usize),
 ) -> anyhow::Result<QualityReport> {

@@ -284,6 +284,22 @@ fn in_polygon(poly: &[(f64, f64)], x: f64, y: f64) -> bool {
     inside
 }
 
+/// Scenes rendered side by side, row-major.
+pub fn grid(scenes: &[Scene], columns: usize) -> RgbImage {
+    let side = IMAGE_SIZE;
+    let cols = columns.clamp(1, scenes.len().max(1));
+    let rows = scenes.len().div_ceil(cols);
+    let mut out = RgbImage::new(cols as u32 * side, rows as u32 * side);
+    for (i, scene) in scenes.iter().enumerate() {
+        let (x, y) = (
+            (i % cols) as i64 * side as i64,
+            (i / cols) as i64 * side as i64,
+        );
+        image::imageops::overlay(&mut out, &scene.render(), x, y);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

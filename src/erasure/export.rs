@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::evaluate::{Report, target_concept_rate};
 use super::preset::{Preset, PromptKind, spread};
 use crate::adapter::ErasureAdapter;
-use crate::adapter::export::{LoraExport, LoraLayout};
 use crate::adapter::lora::LoraAdapter;
+use crate::adapter::lora::{LoraExport, LoraFormat};
 use crate::engine::StableDiffusion;
 use crate::reward::judge::Judge;
 
@@ -20,10 +20,8 @@ use crate::reward::judge::Judge;
 pub enum ExportFormat {
     /// This project's own file: the whole adapter, Safe Adapter included.
     Native,
-    /// A kohya LoRA (A1111, ComfyUI, diffusers).
-    Kohya,
-    /// A PEFT LoRA as diffusers saves it.
-    Peft,
+    /// A LoRA other tools load: kohya (A1111, ComfyUI, diffusers) or PEFT (diffusers).
+    Lora(LoraFormat),
 }
 
 impl FromStr for ExportFormat {
@@ -32,8 +30,8 @@ impl FromStr for ExportFormat {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "native" => Ok(Self::Native),
-            "kohya" => Ok(Self::Kohya),
-            "peft" => Ok(Self::Peft),
+            "kohya" => Ok(Self::Lora(LoraFormat::Kohya)),
+            "peft" => Ok(Self::Lora(LoraFormat::Peft)),
             _ => Err(format!("unknown format `{s}`: use native, kohya or peft")),
         }
     }
@@ -49,16 +47,15 @@ pub fn write(
     title: &str,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let layout = match format {
+    let format = match format {
         ExportFormat::Native => return adapter.save(out, sd, adapter.info()),
-        ExportFormat::Kohya => LoraLayout::Kohya,
-        ExportFormat::Peft => LoraLayout::Peft,
+        ExportFormat::Lora(format) => format,
     };
     if fold_rank == Some(0) {
         anyhow::bail!("the Safe Adapter fold rank must be at least 1 (or leave it out)");
     }
     let export = LoraExport {
-        layout,
+        format,
         fold_rank,
         title: title.to_string(),
     };

@@ -10,12 +10,12 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 
 use super::preset::{DetectorSpec, Preset};
-use crate::demo_world::judge::Judge as DemoJudgeNet;
+use crate::demo_world::judge::{DemoJudge, JudgeNet};
 use crate::engine::io::hf_cache::hf_cache_snapshot;
 use crate::engine::{ModelSource, StableDiffusion};
 use crate::reward::cer::{ClipDetector, ConceptDetector, ErasureReward};
 use crate::reward::clip::ClipScorer;
-use crate::reward::judge::{DemoJudge, Judge, ThresholdJudge};
+use crate::reward::judge::{Judge, ThresholdJudge};
 
 /// Loads the model named by `spec` in f32.
 pub fn load_model(spec: &str, device: &Device) -> anyhow::Result<StableDiffusion> {
@@ -164,7 +164,7 @@ fn demo_judge(
             model_root.display()
         );
     }
-    DemoJudge::new(DemoJudgeNet::load(&dir, device)?, attribute, value)
+    DemoJudge::new(JudgeNet::load(&dir, device)?, attribute, value)
 }
 
 #[cfg(feature = "nudenet")]

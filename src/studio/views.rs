@@ -9,6 +9,7 @@ use egui_plot::{FilledArea, Legend, Line, Plot, PlotPoints};
 use super::app::StudioApp;
 use super::state::{RunStatus, StudioState};
 use super::worker::{Command, Comparison};
+use crate::adapter::lora::LoraFormat;
 use crate::erasure::export::ExportFormat;
 use crate::erasure::metrics::{EpochMetrics, Spread};
 
@@ -375,8 +376,13 @@ pub fn adapters(ui: &mut egui::Ui, app: &mut StudioApp) {
     ui.horizontal(|ui| {
         let format = &mut app.samples.export_format;
         ui.radio_value(format, ExportFormat::Native, "Native (whole adapter)");
-        ui.radio_value(format, ExportFormat::Kohya, "kohya LoRA (A1111, ComfyUI)");
-        ui.radio_value(format, ExportFormat::Peft, "PEFT LoRA (diffusers)");
+        let (kohya, peft) = (LoraFormat::Kohya, LoraFormat::Peft);
+        ui.radio_value(
+            format,
+            ExportFormat::Lora(kohya),
+            "kohya LoRA (A1111, ComfyUI)",
+        );
+        ui.radio_value(format, ExportFormat::Lora(peft), "PEFT LoRA (diffusers)");
     });
     if app.samples.export_format != ExportFormat::Native {
         ui.horizontal(|ui| {

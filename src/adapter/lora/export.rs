@@ -12,21 +12,15 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use serde::Serialize;
 
-use super::{Delta, ErasureAdapter, low_rank};
+use super::{LoraFormat, Part};
+use crate::adapter::{Delta, ErasureAdapter, low_rank};
 use crate::engine::StableDiffusion;
 use crate::engine::diffusion::ddim::PredictionType;
-
-/// The LoRA layouts an adapter exports to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoraLayout {
-    Kohya,
-    Peft,
-}
 
 /// How to export.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraExport {
-    pub layout: LoraLayout,
+    pub format: LoraFormat,
     /// Rank of the Safe Adapter approximation folded into each update; `None` exports the
     /// LoRA branch alone.
     pub fold_rank: Option<usize>,
@@ -131,29 +125,22 @@ impl ErasureAdapter {
         let alpha = updates.first().map_or(0.0, |u| u.alpha);
         let mut tensors = BTreeMap::new();
         let family = family(sd);
-        let metadata = match export.layout {
-            LoraLayout::Kohya => {
-                for u in updates {
-                    let name = format!("lora_unet_{}", u.path.replace('.', "_"));
-                    tensors.insert(format!("{name}.lora_down.weight"), u.down);
-                    tensors.insert(format!("{name}.lora_up.weight"), u.up);
-                    tensors.insert(
-                        format!("{name}.alpha"),
-                        Tensor::new(u.alpha as f32, &Device::Cpu)?,
-                    );
-                }
-                kohya_metadata(export, &family, rank, alpha)
+        let format = export.format;
+        let modules: Vec<String> = updates.iter().map(|u| u.path.clone()).collect();
+        for u in updates {
+            // kohya keeps each module's alpha beside its weights; PEFT in the metadata.
+            if format == LoraFormat::Kohya {
+                let alpha = Tensor::new(u.alpha as f32, &Device::Cpu)?;
+                tensors.insert(format.tensor_name(&u.path, Part::Alpha), alpha);
             }
-            LoraLayout::Peft => {
-                let modules: Vec<String> = updates.iter().map(|u| u.path.clone()).collect();
-                for u in updates {
-                    tensors.insert(format!("unet.{}.lora_A.weight", u.path), u.down);
-                    tensors.insert(format!("unet.{}.lora_B.weight", u.path), u.up);
-                }
-                peft_metadata(rank, alpha, modules)?
-            }
+            tensors.insert(format.tensor_name(&u.path, Part::Down), u.down);
+            tensors.insert(format.tensor_name(&u.path, Part::Up), u.up);
+        }
+        let metadata = match format {
+            LoraFormat::Kohya => kohya_metadata(export, &family, rank, alpha),
+            LoraFormat::Peft => peft_metadata(rank, alpha, modules)?,
         };
-        super::io::write(path, &tensors, metadata)
+        crate::adapter::io::write(path, &tensors, metadata)
     }
 }
 

@@ -1,7 +1,5 @@
-//! LoRA files in the two formats other tools share: kohya (`lora_unet_<module>.lora_down.weight`,
-//! `.lora_up.weight`, `.alpha`; A1111, ComfyUI) and PEFT / diffusers (`unet.<module>.lora_A.weight`,
-//! `.lora_B.weight`, rank and alpha in the `lora_adapter_metadata` metadata). A loaded file adds
-//! `strength · scale · up · down` to the UNet layers it names, through [`UNetHook`].
+//! Reading LoRA files made anywhere: a loaded file adds `strength · scale · up · down` to the
+//! UNet layers it names, through [`UNetHook`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -9,29 +7,8 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Result as CandleResult, Tensor};
 
+use super::{LoraFormat, Part};
 use crate::engine::models::unet::{AdaptableLayer, CrossAttnLayer, UNet, UNetHook};
-
-/// Which naming a LoRA file uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoraFormat {
-    Kohya,
-    Peft,
-}
-
-impl LoraFormat {
-    /// The format of a file with these tensor names, if it is a LoRA file at all.
-    pub fn detect<'a>(mut names: impl Iterator<Item = &'a str>) -> Option<Self> {
-        names.find_map(|n| {
-            if n.starts_with("lora_unet_") || n.starts_with("lora_te") {
-                Some(Self::Kohya)
-            } else if n.contains(".lora_A.") || n.contains(".lora_B.") {
-                Some(Self::Peft)
-            } else {
-                None
-            }
-        })
-    }
-}
 
 /// One layer's update `scale · up · down`, `down` [rank, in], `up` [out, rank].
 struct LayerLora {
@@ -82,7 +59,7 @@ struct Parts {
 impl LoraAdapter {
     /// Reads a kohya or PEFT LoRA file for `unet`; tensors go to `device` in `dtype`.
     pub fn load(path: &Path, unet: &UNet, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        let (bytes, metadata) = super::io::read(path, "LoRA file")?;
+        let (bytes, metadata) = crate::adapter::io::read(path, "LoRA file")?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
         Self::from_tensors(tensors, &metadata, unet, dtype)
             .with_context(|| format!("LoRA file {}", path.display()))
@@ -104,7 +81,7 @@ impl LoraAdapter {
         let targets = unet.adaptable_layers();
         let by_kohya_name: HashMap<String, &AdaptableLayer> = targets
             .iter()
-            .map(|l| (format!("lora_unet_{}", l.path.replace('.', "_")), l))
+            .map(|l| (LoraFormat::Kohya.module_name(&l.path), l))
             .collect();
         let by_path: HashMap<&str, &AdaptableLayer> =
             targets.iter().map(|l| (l.path.as_str(), l)).collect();
@@ -113,7 +90,7 @@ impl LoraAdapter {
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         let mut skipped = Vec::new();
         for (name, tensor) in tensors {
-            let Some((module, part)) = split_name(format, &name) else {
+            let Some((module, part)) = format.split_name(&name) else {
                 bail!(
                     "tensor `{name}` is not a LoRA down/up weight or alpha; only plain LoRA is \
                      supported (not LyCORIS LoHa/LoKr or DoRA)"
@@ -238,33 +215,6 @@ impl UNetHook for LoraAdapter {
             .map(|l| l.apply(x, self.strength))
             .transpose()
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Part {
-    Down,
-    Up,
-    Alpha,
-}
-
-/// A tensor name split into its module and which part of the update it holds.
-fn split_name(format: LoraFormat, name: &str) -> Option<(&str, Part)> {
-    let suffixes: &[(&str, Part)] = match format {
-        LoraFormat::Kohya => &[
-            (".lora_down.weight", Part::Down),
-            (".lora_up.weight", Part::Up),
-            (".alpha", Part::Alpha),
-        ],
-        LoraFormat::Peft => &[
-            (".lora_A.weight", Part::Down),
-            (".lora_B.weight", Part::Up),
-            (".lora_A.default.weight", Part::Down),
-            (".lora_B.default.weight", Part::Up),
-        ],
-    };
-    suffixes
-        .iter()
-        .find_map(|(suffix, part)| name.strip_suffix(suffix).map(|m| (m, *part)))
 }
 
 /// A PEFT module name without the prefix of the model it belongs to.
