@@ -1,9 +1,10 @@
 //! Erasure Studio: concept erasure for Stable Diffusion models.
 //!
-//! The `engine` module is a differentiable Stable Diffusion implementation in candle with a hook
-//! in every cross-attention layer, which `adapter` (the erasure adapter) plugs into; `erasure`
-//! trains it by reinforcement learning; `parity` and `bench` are the headless jobs the CLI
-//! exposes.
+//! `engine` is a differentiable Stable Diffusion implementation in candle with a hook in every
+//! cross-attention layer, which `adapter` (the erasure adapter) plugs into; `reward` scores
+//! images; `erasure` trains the adapter by reinforcement learning and measures and exports it;
+//! `studio` (feature `studio`) is the desktop app; `demo_world` is the built-in demo model's
+//! world; `parity` and `bench` are headless jobs the CLI exposes. ARCHITECTURE.md maps it all.
 
 pub mod adapter;
 pub mod allocator;
