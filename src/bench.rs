@@ -80,8 +80,14 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-/// Runs one case after a warm-up as often as `timing` asks; the median wall time.
-pub fn run_case(name: &str, timing: Timing, device: &Device) -> anyhow::Result<BenchResult> {
+/// Runs one case after a warm-up as often as `timing` asks; the median wall time. A case whose
+/// runs have parts worth seeing (a DDPO epoch's phases) tells `say` about each run.
+pub fn run_case(
+    name: &str,
+    timing: Timing,
+    device: &Device,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<BenchResult> {
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, device.clone());
     let time = |job: &mut dyn FnMut() -> anyhow::Result<()>| measure(name, timing, device, job);
     match name {
@@ -183,10 +189,10 @@ pub fn run_case(name: &str, timing: Timing, device: &Device) -> anyhow::Result<B
                 let m = trainer
                     .run_epoch(&|| false)?
                     .context("the epoch stopped without being asked to")?;
-                eprintln!(
+                say(&format!(
                     "epoch {}: sampling {:.2} s, reward {:.2} s, training {:.2} s",
                     m.epoch, m.seconds_sampling, m.seconds_reward, m.seconds_training
-                );
+                ));
                 Ok(())
             })
         }

@@ -53,7 +53,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for case in &cases {
         // Each case runs in its own process when there are several, so peak RSS is per case.
         let result = if cases.len() == 1 {
-            bench::run_case(case, timing, &device.open()?)?
+            bench::run_case(case, timing, &device.open()?, &|line| eprintln!("{line}"))?
         } else {
             run_case_in_child(case, timing, &device.device)?
         };

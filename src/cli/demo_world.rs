@@ -10,15 +10,13 @@ use erasure_studio::demo_world::judge::{self, JudgeConfig};
 use erasure_studio::demo_world::quality::{self, QualitySettings};
 use erasure_studio::demo_world::recipe::{self, Recipe, format_accuracy};
 use erasure_studio::demo_world::{Caption, Scene, scene};
-use erasure_studio::engine::StableDiffusion;
 use erasure_studio::engine::diffusion::pipeline::{
-    GenerateRequest, SampleHooks, Sampling, txt2img,
+    GenerateRequest, SampleHooks, Sampling, output_size, txt2img,
 };
+use erasure_studio::engine::{ModelSource, StableDiffusion};
 use erasure_studio::{fs, images};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-
-use super::generate::{image_size, resolve_model};
 
 #[derive(Subcommand)]
 pub enum DemoWorldCommand {
@@ -111,9 +109,8 @@ pub fn run(command: DemoWorldCommand) -> anyhow::Result<()> {
             guidance,
             out,
         } => {
-            let sd =
-                StableDiffusion::load(&resolve_model(model.as_deref())?, &Device::Cpu, DType::F32)?;
-            let (width, height) = image_size(&sd, None, None, None)?;
+            let sd = StableDiffusion::load(&demo_or(model.as_deref())?, &Device::Cpu, DType::F32)?;
+            let (width, height) = output_size(&sd, None, None, None)?;
             let per_prompt = per_prompt.max(1);
             let mut rows = Vec::new();
             for prompt in &prompts {
@@ -139,7 +136,7 @@ pub fn run(command: DemoWorldCommand) -> anyhow::Result<()> {
             per_combination,
             out,
         } => {
-            let source = resolve_model(model.as_deref())?;
+            let source = demo_or(model.as_deref())?;
             let sd = StableDiffusion::load(&source, &Device::Cpu, DType::F32)?;
             let judge_dir = judge.unwrap_or_else(|| source.root().join("judge"));
             let judge = judge::JudgeNet::load(&judge_dir, &Device::Cpu)?;
@@ -232,4 +229,9 @@ pub fn run(command: DemoWorldCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--model`: a folder, by default the built-in demo model.
+fn demo_or(model: Option<&str>) -> anyhow::Result<ModelSource> {
+    ModelSource::named(model.unwrap_or("demo"))
 }

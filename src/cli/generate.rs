@@ -1,12 +1,11 @@
 //! `generate`: txt2img or img2img from a prompt, with any stack of adapters.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::bail;
 use erasure_studio::adapter::stack::{AdapterSpec, AdapterStack};
 use erasure_studio::engine::diffusion::pipeline::{
-    GenerateRequest, SampleHooks, Sampling, img2img, txt2img,
+    GenerateRequest, SampleHooks, Sampling, img2img, output_size, txt2img,
 };
 use erasure_studio::engine::{ModelSource, StableDiffusion};
 use erasure_studio::images;
@@ -96,7 +95,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     for (spec, adapter) in adapters.iter().zip(&stack.adapters) {
         eprintln!("{}: {}", spec.path.display(), adapter.describe());
     }
-    let (width, height) = image_size(&sd, width, height, init_image.as_deref())?;
+    let (width, height) = output_size(&sd, width, height, init_image.as_deref())?;
     let req = GenerateRequest::new(vec![prompt; batch.max(1)], (width, height), sampling)
         .negative(negative)
         .seed(seed)
@@ -127,32 +126,4 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// The requested size; else the init image's size (img2img), else the model's native size, as
-/// diffusers' pipelines choose. Sizes without a request are rounded down to what the VAE allows.
-pub fn image_size(
-    sd: &StableDiffusion,
-    width: Option<usize>,
-    height: Option<usize>,
-    init_image: Option<&Path>,
-) -> anyhow::Result<(usize, usize)> {
-    let f = sd.vae.config().downscale();
-    let (default_w, default_h) = match (init_image, sd.native_size()) {
-        (Some(path), _) => {
-            let (w, h) = images::image_size(path)?;
-            (w / f * f, h / f * f)
-        }
-        (None, Some((h, w))) => (w, h),
-        (None, None) if width.is_some() && height.is_some() => (0, 0),
-        (None, None) => {
-            bail!("the model's unet/config.json gives no sample_size: pass --width and --height")
-        }
-    };
-    Ok((width.unwrap_or(default_w), height.unwrap_or(default_h)))
-}
-
-/// `--model`: a folder or cached repo id; none (or `demo`) means the built-in demo model.
-pub fn resolve_model(spec: Option<&str>) -> anyhow::Result<ModelSource> {
-    ModelSource::named(spec.unwrap_or("demo"))
 }

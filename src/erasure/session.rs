@@ -280,11 +280,12 @@ fn execute(
     };
     let total = preset.ddpo.epochs;
     while trainer.epochs_done() < total {
-        let epoch = trainer.run_epoch(stop)?;
+        let epoch = trainer.run_epoch(stop);
+        // Told even when the epoch failed: they may say why.
         for notice in trainer.take_notices() {
             observer.notice(&notice);
         }
-        let Some(m) = epoch else {
+        let Some(m) = epoch? else {
             save(&trainer, seconds())?;
             return Ok(RunEnd::Stopped {
                 epochs_done: trainer.epochs_done(),

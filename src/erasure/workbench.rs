@@ -53,10 +53,6 @@ impl Workbench {
         })
     }
 
-    pub fn spec(&self) -> &str {
-        &self.spec
-    }
-
     pub fn sd(&self) -> &StableDiffusion {
         &self.sd
     }
@@ -137,8 +133,9 @@ impl Workbench {
         progress: &mut dyn FnMut(usize, usize),
     ) -> anyhow::Result<Report> {
         let dir = RunDir::new(run);
+        let preset = dir.load_preset()?;
         let adapter = dir.finished_adapter()?;
-        self.evaluate(&dir.load_preset()?, &adapter, run, true, progress)
+        self.evaluate(&preset, &adapter, run, true, progress)
     }
 
     /// Writes `adapter` as `job` asks; for a LoRA export with a preset to measure on, how much

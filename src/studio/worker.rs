@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::adapter::ErasureAdapter;
 use crate::engine::StableDiffusion;
 use crate::engine::diffusion::pipeline::{
-    GenerateRequest, SampleHooks, Sampling, img2img, txt2img,
+    GenerateRequest, SampleHooks, Sampling, img2img, output_size, txt2img,
 };
 use crate::engine::models::unet::UNetHook;
 use crate::erasure::evaluate::{self, Report};
@@ -485,16 +485,20 @@ impl Worker {
         init: Option<(&Path, f64)>,
     ) -> anyhow::Result<Comparison> {
         let sd = self.model()?.sd();
-        let size = sd.native_size().map_or(512, |(h, _)| h);
+        // The size `generate` would draw at: the init image's, else the model's own.
+        let size = output_size(sd, None, None, init.map(|(path, _)| path))?;
         let sampling = Sampling {
             steps: settings.steps,
             guidance_scale: settings.guidance_scale,
         };
-        let request = GenerateRequest::new(vec![settings.prompt.clone()], (size, size), sampling)
-            .seed(settings.seed);
+        let request =
+            GenerateRequest::new(vec![settings.prompt.clone()], size, sampling).seed(settings.seed);
         let init = init
             .map(|(path, strength)| {
-                anyhow::Ok((images::load_image(path, size, size, &sd.device)?, strength))
+                anyhow::Ok((
+                    images::load_image(path, size.0, size.1, &sd.device)?,
+                    strength,
+                ))
             })
             .transpose()?;
         let draw = |adapter: Option<&ErasureAdapter>| -> anyhow::Result<Picture> {

@@ -1,5 +1,7 @@
 //! Sampling pipelines: txt2img and img2img with classifier-free guidance and DDIM.
 
+use std::path::Path;
+
 use anyhow::{Context, bail};
 use candle_core::{DType, Result, Tensor};
 
@@ -85,6 +87,32 @@ impl Sampling {
             Self::STABLE_DIFFUSION
         }
     }
+}
+
+/// The requested size; else the init image's size (img2img), else the model's native size, as
+/// diffusers' pipelines choose. Sizes without a request are rounded down to what the VAE allows.
+pub fn output_size(
+    sd: &StableDiffusion,
+    width: Option<usize>,
+    height: Option<usize>,
+    init_image: Option<&Path>,
+) -> anyhow::Result<(usize, usize)> {
+    let f = sd.vae.config().downscale();
+    let (default_w, default_h) = match (init_image, sd.native_size()) {
+        (Some(path), _) => {
+            let (w, h) = crate::images::image_size(path)?;
+            (w / f * f, h / f * f)
+        }
+        (None, Some((h, w))) => (w, h),
+        (None, None) if width.is_some() && height.is_some() => (0, 0),
+        (None, None) => {
+            bail!(
+                "the model's unet/config.json gives no sample_size: give the image size \
+                 (--width and --height)"
+            )
+        }
+    };
+    Ok((width.unwrap_or(default_w), height.unwrap_or(default_h)))
 }
 
 /// Text conditioning for a batch: `cond` [B, L, D] and, with guidance, `uncond` [B, L, D].

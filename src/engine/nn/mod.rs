@@ -68,11 +68,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::engine::diffusion::noise::NoiseStream;
+    use crate::engine::kernels::test_support::rel_diff;
     use candle_core::{Device, Var};
-
-    fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-        crate::parity::relative_l2(a, b).unwrap()
-    }
 
     /// The fused (inference) and differentiable (training) softmax compute the same values.
     #[test]

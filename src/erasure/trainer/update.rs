@@ -187,7 +187,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn passes_split_into_groups_of_nearly_equal_length() {
+    fn passes_split_into_groups_of_nearly_equal_length() {
         let items: Vec<usize> = (0..10).collect();
         let lens: Vec<usize> = split_evenly(&items, 3).iter().map(|g| g.len()).collect();
         assert_eq!(lens, [3, 3, 4]);
