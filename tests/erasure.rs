@@ -700,3 +700,40 @@ fn ctrl_c_stops_the_cli_with_a_checkpoint_and_resume_finishes() {
     assert_eq!(lora.layer_count(), 2 * sd.unet.cross_attn_layers().len());
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// The workbench's guards, shared by the CLI and the studio: a run is refused for a model other
+/// than the loaded one, before anything is written, and an unfinished run is not evaluated.
+#[test]
+fn the_workbench_refuses_runs_of_another_model_and_unfinished_runs() {
+    let root = common::temp_dir("erasure-guards");
+    let mut workbench = Workbench::load("demo", &Device::Cpu).unwrap();
+    let mut preset = micro_preset(1);
+    preset.model = "some/other-model".into();
+    let out = root.join("other");
+    let err = workbench
+        .start_run(preset, &out, RunOptions::default(), &|| false, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("load `some/other-model` first"), "{err}");
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+
+    // A run stopped before its first epoch ends holds a preset and no adapter.
+    let stopped = root.join("stopped");
+    let end = workbench
+        .start_run(
+            micro_preset(1),
+            &stopped,
+            RunOptions::default(),
+            &|| true,
+            &mut Quiet,
+        )
+        .unwrap();
+    assert_eq!(end, RunEnd::Stopped { epochs_done: 0 });
+    let err = workbench
+        .evaluate_run(&stopped, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has no adapter.safetensors yet"), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
